@@ -1,0 +1,1 @@
+"""Stage 1: the KL-regularized autoencoder (posterior, losses, trainer)."""

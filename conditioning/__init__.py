@@ -1,0 +1,1 @@
+"""The text side: the CLIP tokenizer and text encoder that condition the U-Net."""

@@ -1,0 +1,169 @@
+"""Samplers: ancestral DDPM and DDIM, each a plain function over a model callable.
+
+A model is any callable `model(x_t, t, **model_kwargs) -> output`, where t holds the timestep values
+the network was trained on. Sampling over a subset of timesteps runs on the respaced process
+(`GaussianDiffusion.respaced`), so every formula uses the alphabar of the previous timestep *in the
+subset*. One `torch.Generator` drives all the noise, so a seed fixes the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.diffusion.gaussian_diffusion import GaussianDiffusion
+from ldm.diffusion.schedules import spaced_timesteps
+from ldm.diffusion.thresholding import Threshold
+
+ModelFn = Callable[..., torch.Tensor]
+# callback(step_index, t_value, x_prev, pred_x0), called after every step.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+class SampleOutput(NamedTuple):
+    sample: torch.Tensor  # x_0, (B, C, ...)
+    trajectory: torch.Tensor | None  # x_T, ..., x_0 stacked: (steps + 1, B, C, ...), when asked for
+
+
+def ddpm_step(
+    diffusion: GaussianDiffusion,
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor | None,
+    threshold: Threshold | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with sigma_t = exp(log Sigma_t / 2) the
+    standard deviation (sqrt(beta~_t) for fixed_small), and no noise at t = 0. Returns (x_{t-1}, pred_x0)."""
+    p = diffusion.p_mean_variance(model_output, x_t, t, threshold)
+    if noise is None:
+        return p.mean, p.pred_x0
+    nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return p.mean + nonzero * torch.exp(0.5 * p.log_variance) * noise, p.pred_x0
+
+
+def ddim_step(
+    diffusion: GaussianDiffusion,
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    threshold: Threshold | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step (Song et al. 2020, eq. 12). Returns (x_prev, pred_x0):
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev).
+    A learned variance in the output is ignored; eps is re-derived from x0 after thresholding."""
+    prediction, _ = diffusion.split_output(model_output)
+    pred_x0, pred_eps = diffusion.predict_x0_eps(prediction, x_t, t)
+    if threshold is not None:
+        pred_x0 = threshold(pred_x0)
+        pred_eps = diffusion.eps_from_x0(x_t, t, pred_x0)
+    abar_t = diffusion.gather(diffusion.coef.alphas_cumprod, t, x_t)
+    abar_prev = diffusion.gather(diffusion.coef.alphas_cumprod_prev, t, x_t)
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred_eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        x_prev = x_prev + sigma * noise
+    return x_prev, pred_x0
+
+
+def sampling_chain(
+    diffusion: GaussianDiffusion, num_steps: int | None, spacing: str = "leading", steps_offset: int = 0
+) -> GaussianDiffusion:
+    """The process a sampler walks: the full chain, or its respacing to `num_steps` timesteps."""
+    if num_steps is None or (num_steps == diffusion.num_timesteps and steps_offset == 0):
+        return diffusion
+    timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps, spacing, steps_offset)
+    return diffusion.respaced(timesteps)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: ModelFn,
+    diffusion: GaussianDiffusion,
+    x_T: torch.Tensor,
+    *,
+    num_steps: int | None = None,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    threshold: Threshold | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> SampleOutput:
+    """Ancestral sampling from x_T down to x_0, over all T steps or a respaced subset of `num_steps`."""
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset)
+
+    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = None if t[0] == 0 else _randn_like(x, generator)
+        return ddpm_step(chain, output, x, t, noise, threshold)
+
+    return _run_chain(model, chain, x_T, step, model_kwargs, return_trajectory, callback, progress, "DDPM")
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: ModelFn,
+    diffusion: GaussianDiffusion,
+    x_T: torch.Tensor,
+    *,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    threshold: Threshold | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> SampleOutput:
+    """DDIM sampling over `num_steps` spaced timesteps; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset)
+
+    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = _randn_like(x, generator) if eta > 0 else None
+        return ddim_step(chain, output, x, t, eta, noise, threshold)
+
+    return _run_chain(model, chain, x_T, step, model_kwargs, return_trajectory, callback, progress, "DDIM")
+
+
+def _run_chain(
+    model: ModelFn,
+    chain: GaussianDiffusion,
+    x_T: torch.Tensor,
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    model_kwargs: dict[str, Any] | None,
+    return_trajectory: bool,
+    callback: StepCallback | None,
+    progress: bool,
+    name: str,
+) -> SampleOutput:
+    """The loop both samplers share: model call, step, callback, from the last index down to 0."""
+    model_kwargs = model_kwargs or {}
+    x = x_T
+    trajectory = [x] if return_trajectory else None
+    for index in tqdm(range(chain.num_timesteps - 1, -1, -1), desc=name, disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+        output = model(x, chain.model_timesteps(t), **model_kwargs)
+        x, pred_x0 = step(output, x, t)
+        if trajectory is not None:
+            trajectory.append(x)
+        if callback is not None:
+            callback(index, int(chain.timesteps[index]), x, pred_x0)
+    return SampleOutput(x, torch.stack(trajectory) if trajectory is not None else None)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -1,0 +1,43 @@
+"""Clipping of the predicted x0 during sampling: static, and Imagen's dynamic thresholding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from einops import rearrange
+
+
+class Threshold(Protocol):
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StaticThreshold:
+    """Clamp the predicted x0 to [-limit, limit] (data in [-1, 1] uses limit 1)."""
+
+    limit: float = 1.0
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-self.limit, self.limit)
+
+
+@dataclass(frozen=True)
+class DynamicThreshold:
+    """Imagen's dynamic thresholding (Saharia et al. 2022), per sample:
+    s = clamp(quantile(|x0|, percentile), 1, max_value); x0 <- clamp(x0, -s, s) / s."""
+
+    percentile: float = 0.995
+    max_value: float = float("inf")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 1.0:
+            raise ValueError(f"percentile must be in (0, 1], got {self.percentile}")
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        flat = rearrange(x0, "b ... -> b (...)")
+        # torch.quantile wants float32/64; half-precision samples are thresholded in float32.
+        s = torch.quantile(flat.abs().float(), self.percentile, dim=1).clamp(1.0, self.max_value)
+        s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s
