@@ -25,13 +25,14 @@ def discretized_gaussian_log_likelihood(
     over each level's bin, the outer bins extended to +-infinity (Ho et al. 2020), in nats."""
     half_bin = 1.0 / (num_bins - 1)
     inv_std = torch.exp(-log_scale)
-    cdf_plus = torch.special.ndtr(inv_std * (x - mean + half_bin))
-    cdf_minus = torch.special.ndtr(inv_std * (x - mean - half_bin))
-    # Middle bins as log(cdf_plus - cdf_minus); far in a tail that difference underflows, so use the
-    # log density at the bin centre times the bin width instead.
-    mid = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
-    tail = gaussian_log_likelihood(x, mean, 2 * log_scale) + math.log(2 * half_bin)
-    mid = torch.where(cdf_plus - cdf_minus > 1e-5, mid, tail)
-    low_edge = torch.special.log_ndtr(inv_std * (x - mean + half_bin))  # log P(X < x + half_bin)
-    high_edge = torch.special.log_ndtr(-inv_std * (x - mean - half_bin))  # log P(X > x - half_bin)
+    low = inv_std * (x - mean - half_bin)  # the bin's edges in standard units
+    high = inv_std * (x - mean + half_bin)
+    # P(low < Z < high) = Phi(high) - Phi(low). Above the mean both CDFs are near 1 and the difference
+    # cancels; there, use the mirror image Phi(-low) - Phi(-high), which is the same number.
+    above = (low + high) > 0
+    lo, hi = torch.where(above, -high, low), torch.where(above, -low, high)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    mid = log_hi + torch.log(-torch.expm1(log_lo - log_hi))  # log(Phi(hi) - Phi(lo)), no cancellation
+    low_edge = torch.special.log_ndtr(high)  # the first bin: P(Z < high)
+    high_edge = torch.special.log_ndtr(-low)  # the last bin: P(Z > low)
     return torch.where(x < -1 + 1e-3, low_edge, torch.where(x > 1 - 1e-3, high_edge, mid))

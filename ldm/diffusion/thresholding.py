@@ -38,6 +38,7 @@ class DynamicThreshold:
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         flat = rearrange(x0, "b ... -> b (...)")
         # torch.quantile wants float32/64; half-precision samples are thresholded in float32.
-        s = torch.quantile(flat.abs().float(), self.percentile, dim=1).clamp(1.0, self.max_value)
+        magnitudes = flat.abs() if x0.dtype in (torch.float32, torch.float64) else flat.abs().float()
+        s = torch.quantile(magnitudes, self.percentile, dim=1).clamp(1.0, self.max_value)
         s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return torch.maximum(torch.minimum(x0, s), -s) / s
