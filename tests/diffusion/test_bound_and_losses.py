@@ -100,7 +100,7 @@ def test_bound_of_the_exact_reverse_process_equals_the_nll(gaussian_data):
 
 
 def test_fixed_variances_give_looser_bounds(gaussian_data):
-    x0, nll = gaussian_data
+    x0, _ = gaussian_data
     tight = bound("learned_range", x0).total.mean()
     for variance in ("fixed_small", "fixed_large"):
         assert bound(variance, x0).total.mean() > tight + 0.05
@@ -126,7 +126,7 @@ def test_bits_per_dim_is_nats_over_dims_ln2():
 
     result = bits_per_dim(d, model, x0, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
-    for step in range(49, 19, -1):  # replay the noise draws down to t = 20
+    for _ in range(49, 19, -1):  # replay the noise draws down to t = 20
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.full((2,), 20)
     x_t = d.q_sample(x0, t, noise)

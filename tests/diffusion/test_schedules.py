@@ -70,5 +70,5 @@ def test_derived_arrays():
 
 @pytest.mark.parametrize("bad", [{"name": "quadratic"}, {"name": "linear", "num_timesteps": 0}])
 def test_bad_schedule_arguments_are_named(bad):
-    with pytest.raises(ValueError, match="schedule|num_timesteps"):
+    with pytest.raises(ValueError, match=r"schedule|num_timesteps"):
         make_beta_schedule(**bad)
