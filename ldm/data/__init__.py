@@ -6,6 +6,7 @@ Every source yields items `{"pixel_values": (3, H, W) float32 in [-1, 1], "capti
 
 from ldm.data.collate import collate_examples
 from ldm.data.config import DataConfig, build_dataset
+from ldm.data.image_folder import FolderSummary, ImageFolderDataset
 from ldm.data.shapes import (
     BACKGROUNDS,
     COLORS,
@@ -22,6 +23,8 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "DataConfig",
+    "FolderSummary",
+    "ImageFolderDataset",
     "ShapesDataset",
     "build_dataset",
     "collate_examples",

@@ -20,9 +20,10 @@ import hashlib
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+
+from ldm.data.images import to_model_tensor
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
@@ -128,13 +129,6 @@ def render_scene(scene: dict[str, Any], resolution: int) -> Image.Image:
         raise ValueError(f"unknown shape {scene['shape']!r}; valid: {', '.join(SHAPES)}")
     # BOX averages each SUPERSAMPLE x SUPERSAMPLE block: edge pixels get the covered-area mix of colours.
     return image.resize((resolution, resolution), Image.Resampling.BOX)
-
-
-def to_model_tensor(image: Image.Image) -> torch.Tensor:
-    """An 8-bit RGB PIL image as a float32 (3, H, W) tensor in [-1, 1]: x / 127.5 - 1."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
-    return tensor.to(torch.float32) / 127.5 - 1.0
 
 
 class ShapesDataset(Dataset):
