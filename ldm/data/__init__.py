@@ -15,6 +15,7 @@ from ldm.data.shapes import (
     SIZES,
     ShapesDataset,
 )
+from ldm.data.webdataset_source import WebDatasetSource
 
 __all__ = [
     "BACKGROUNDS",
@@ -26,6 +27,7 @@ __all__ = [
     "FolderSummary",
     "ImageFolderDataset",
     "ShapesDataset",
+    "WebDatasetSource",
     "build_dataset",
     "collate_examples",
 ]
