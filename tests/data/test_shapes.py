@@ -15,6 +15,11 @@ def test_items_are_deterministic_from_seed_split_and_index():
     for i in (0, 13, 49):
         assert torch.equal(a[i]["pixel_values"], b[i]["pixel_values"])
         assert a[i]["caption"] == b[i]["caption"]
+    uncached = ShapesDataset(50, 32, seed=7, cache=False)
+    for _ in range(2):  # the second pass comes from the cache
+        assert all(torch.equal(a[i]["pixel_values"], uncached[i]["pixel_values"]) for i in range(50))
+    a[3]["pixel_values"].add_(1)  # a caller mutating its item must not corrupt the cache
+    assert torch.equal(a[3]["pixel_values"], uncached[3]["pixel_values"])
     other = ShapesDataset(50, 32, seed=8)
     assert any(not torch.equal(a[i]["pixel_values"], other[i]["pixel_values"]) for i in range(10))
 
