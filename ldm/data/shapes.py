@@ -62,7 +62,7 @@ JITTER_OFFSETS: tuple[int, ...] = (-2, -1, 0, 1, 2)
 SCALE_JITTER: tuple[float, ...] = (0.9, 1.0, 1.1)
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
-HELDOUT_PERCENT = 10  # share of scenes (in percent) that belong to the held-out split
+HELDOUT_PERCENT = 10  # share of possible images (in percent) that belong to the held-out split
 CACHE_LIMIT_BYTES = 256 * 2**20  # ShapesDataset keeps rendered images in memory up to this size
 SUPERSAMPLE = 4  # render at this multiple of the resolution, then box-filter down (antialiasing)
 
