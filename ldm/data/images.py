@@ -1,0 +1,101 @@
+"""Turning an image file of any kind into the model's input: RGB, upright, resized, cropped, in [-1, 1].
+
+Shared by the image-folder and WebDataset sources so both prepare pixels identically.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+# Transparent pixels are composited onto this colour (white, as a browser shows them on a page).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# Integer modes holding more than 8 bits per pixel; PIL's own convert("L") clips them at 255, which turns
+# a 16-bit image almost white, so they are rescaled from the full 16-bit range instead.
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
+    """Open and fully decode an image, so a truncated or corrupt file fails here, not later.
+
+    `draft_size` lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that still covers that many pixels
+    on both sides, which makes large photos much cheaper to load.
+    """
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    if draft_size is not None and image.format == "JPEG":
+        image.draft(image.mode, (draft_size, draft_size))
+    image.load()  # raises OSError for truncated data
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, upright.
+
+    EXIF orientation is applied first. Alpha (RGBA, LA, PA, or a palette / grey image with a transparent
+    colour) is composited over ALPHA_BACKGROUND. 16-bit grey is scaled by 255/65535; float grey ("F") is
+    read as [0, 1]. CMYK and the rest use PIL's conversion (ICC profiles are not applied).
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _WIDE_INT_MODES:
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    elif mode == "F":
+        grey = np.asarray(image, dtype=np.float64) * 255.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
+    """Resize so the short side is `resolution` (bicubic, antialiased), then crop a square of that size.
+
+    The crop is centred, or placed uniformly at random (torch's generator, so each data-loader worker
+    draws differently) when `center_crop` is False.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=None)
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left = int(torch.randint(width - resolution + 1, ()).item())
+        top = int(torch.randint(height - resolution + 1, ()).item())
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_pixels(
+    source: str | Path | bytes, resolution: int, center_crop: bool = True, random_flip: bool = False
+) -> torch.Tensor:
+    """A file path or encoded bytes as a float32 (3, resolution, resolution) tensor in [-1, 1]."""
+    image = resize_and_crop(to_rgb(open_image(source, draft_size=resolution)), resolution, center_crop)
+    pixels = to_model_tensor(image)  # (3, H, W)
+    if random_flip and torch.rand(()) < 0.5:
+        pixels = pixels.flip(-1)
+    return pixels
+
+
+def to_model_tensor(image: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB PIL image as a float32 (3, H, W) tensor in [-1, 1]: x / 127.5 - 1."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+    return tensor.to(torch.float32) / 127.5 - 1.0
+
+
+def describe_error(err: BaseException) -> str:
+    """A one-line reason for a failed image, e.g. "UnidentifiedImageError: cannot identify image file"."""
+    return f"{type(err).__name__}: {err}"
