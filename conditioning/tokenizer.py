@@ -143,21 +143,21 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: str | Sequence[str], max_length:
     # verbose=False: we truncate (and warn) ourselves below.
     ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    input_ids = torch.full((len(ids), max_length), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), max_length), dtype=torch.long)
-    dropped: list[str] = []
-    for row, seq in enumerate(ids):
+    rows, lengths, dropped = [], [], []
+    for i, seq in enumerate(ids):
         if len(seq) > max_length:
             removed = seq[max_length - 1 : -1]
-            dropped.append(f"prompt {row} lost {len(removed)} tokens ({tokenizer.decode(removed)!r})")
+            dropped.append(f"prompt {i} lost {len(removed)} tokens ({tokenizer.decode(removed)!r})")
             seq = [*seq[: max_length - 1], eos]
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention_mask[row, : len(seq)] = 1
+        rows.append(seq + [pad] * (max_length - len(seq)))
+        lengths.append(len(seq))
+    input_ids = torch.tensor(rows, dtype=torch.long)  # (B, L)
+    attention_mask = (torch.arange(max_length) < torch.tensor(lengths)[:, None]).long()  # (B, L)
     if dropped:
         logger.warning(
             "%d of %d prompts are longer than %d tokens and were truncated: %s",
             len(dropped),
-            len(ids),
+            len(rows),
             max_length,
             "; ".join(dropped),
         )
