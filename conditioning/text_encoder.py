@@ -157,7 +157,11 @@ class TextEncoder(nn.Module):
         return self(prompts).hidden_states
 
     def unconditional(self, batch_size: int = 1) -> torch.Tensor:
-        """The embedding of "" repeated to (batch_size, L, D); computed once and cached while frozen."""
+        """The embedding of "" as a (batch_size, L, D) read-only view; computed once and cached while frozen.
+
+        The cache is dropped by `set_frozen` and when the device or dtype changes; call `set_frozen(True)`
+        after loading other weights into a frozen encoder.
+        """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
         uncond = self._uncond
@@ -170,7 +174,9 @@ class TextEncoder(nn.Module):
     def encode_negative(self, negative_prompt: str | Sequence[str] | None, batch_size: int) -> torch.Tensor:
         """The guidance baseline (batch_size, L, D): "" when `negative_prompt` is None, else the negative prompt(s).
 
-        A single negative prompt is shared by the batch; a list must have one per prompt.
+        A single negative prompt is shared by the batch; a list must have one per prompt. Negative prompts
+        use the same layer (clip_skip) as the prompts, because training encoded the dropped captions ""
+        that way; diffusers' StableDiffusionPipeline instead encodes them with the last layer always.
         """
         if negative_prompt is None:
             return self.unconditional(batch_size)

@@ -39,9 +39,10 @@ def test_clip_skip_is_penultimate_layer_with_final_layer_norm_as_in_diffusers(sm
     assert not torch.allclose(skip.encode(PROMPTS), small_encoder.encode(PROMPTS), atol=1e-3)
 
 
-def test_clip_skip_beyond_the_layers_is_an_error_naming_the_key(small_encoder):
-    with pytest.raises(ValueError, match="clip_skip"):
-        TextEncoder(small_encoder.model, small_encoder.tokenizer, TextEncoderConfig(clip_skip=1, num_layers=1))
+def test_clip_skip_beyond_a_loaded_encoders_layers_is_an_error_naming_the_key(small_encoder):
+    one_layer = TextEncoder.from_config(TextEncoderConfig(num_layers=1, hidden_size=32, num_heads=2))
+    with pytest.raises(ValueError, match="clip_skip: 1 is too large for a 1-layer text encoder"):
+        TextEncoder(one_layer.model, one_layer.tokenizer, TextEncoderConfig(clip_skip=1))
 
 
 def test_frozen_encoder_has_no_grads(small_encoder):
@@ -85,6 +86,14 @@ def test_save_and_reload_gives_identical_embeddings(small_encoder, tmp_path):
     ids = tokenize(CLIPTokenizer.from_pretrained(tmp_path / "tokenizer"), PROMPTS).input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).last_hidden_state, before.hidden_states)
+
+
+def test_loads_a_bare_clip_folder_with_model_and_tokenizer_side_by_side(small_encoder, tmp_path):
+    # The layout of hub ids like openai/clip-vit-large-patch14: no text_encoder/ or tokenizer/ subfolders.
+    small_encoder.model.save_pretrained(tmp_path)
+    small_encoder.tokenizer.save_pretrained(tmp_path)
+    config = TextEncoderConfig(pretrained=str(tmp_path), text_encoder_subfolder="", tokenizer_subfolder="")
+    assert torch.equal(TextEncoder.from_config(config).encode(PROMPTS), small_encoder.encode(PROMPTS))
 
 
 def test_small_encoder_is_seeded_and_leaves_the_global_rng_alone():
