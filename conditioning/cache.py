@@ -1,0 +1,182 @@
+"""A safetensors cache of caption embeddings, so stage 2 looks them up instead of running the encoder.
+
+With a frozen encoder a caption's embedding never changes, so a dataset's captions are encoded once
+(deduplicated, with "" for classifier-free guidance always included) and saved together with the
+encoder's fingerprint (weights, config, tokenizer, layer choice). Loading checks the fingerprint, so
+a cache made by a different encoder is never used silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from conditioning.text_encoder import TextEmbeddings, TextEncoder
+from conditioning.tokenizer import validate_prompts
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "ldm-text-embedding-cache/1"
+
+
+class TextEmbeddingCache:
+    """Embeddings of a fixed set of captions, looked up by caption; a drop-in for `TextEncoder.encode`."""
+
+    def __init__(self, captions: Sequence[str], hidden_states: torch.Tensor, pooled: torch.Tensor, fingerprint: str):
+        if not hidden_states.shape[0] == pooled.shape[0] == len(captions):
+            raise ValueError(
+                f"captions: {len(captions)} captions but {hidden_states.shape[0]} hidden states "
+                f"and {pooled.shape[0]} pooled embeddings"
+            )
+        self.captions = list(captions)
+        self.hidden_states = hidden_states  # (N, L, D)
+        self.pooled = pooled  # (N, D)
+        self.fingerprint = fingerprint
+        self._index = {caption: i for i, caption in enumerate(self.captions)}
+        if len(self._index) != len(self.captions):
+            raise ValueError("captions: contains duplicates; a cache holds each caption once")
+
+    @classmethod
+    def build(
+        cls,
+        encoder: TextEncoder,
+        captions: Iterable[str],
+        path: str | Path,
+        batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+    ) -> TextEmbeddingCache:
+        """Encode the distinct captions (plus "") with a frozen `encoder` and save them to `path`.
+
+        `dtype` (e.g. torch.float16) stores the embeddings narrower than the encoder computes them.
+        """
+        if not encoder.frozen:
+            raise ValueError(
+                "encoder: is trainable (frozen=False); its embeddings change every step, so they cannot be cached"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        unique = list(dict.fromkeys(["", *validate_prompts(list(captions), name="captions")]))
+        hidden, pooled = [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(unique), batch_size), desc="encoding captions", unit="batch"):
+                out = encoder(unique[start : start + batch_size])
+                hidden.append(out.hidden_states.to(device="cpu", dtype=dtype))
+                pooled.append(out.pooled.to(device="cpu", dtype=dtype))
+        cache = cls(unique, torch.cat(hidden), torch.cat(pooled), encoder.fingerprint())
+        cache.save(path)
+        logger.info("cached %d distinct captions in %s", len(unique), path)
+        return cache
+
+    @classmethod
+    def load(cls, path: str | Path, encoder: TextEncoder) -> TextEmbeddingCache:
+        """Read a cache and check it was made by `encoder`; a mismatch is a ValueError naming both fingerprints."""
+        cache = cls._read(path)
+        expected = encoder.fingerprint()
+        if cache.fingerprint != expected:
+            raise ValueError(
+                f"{path}: stale text-embedding cache: built by encoder {cache.fingerprint[:16]}, but this encoder "
+                f"is {expected[:16]} (weights, config, tokenizer or clip_skip changed); rebuild it with "
+                "TextEmbeddingCache.build or use TextEmbeddingCache.load_or_build"
+            )
+        return cache
+
+    @classmethod
+    def load_or_build(
+        cls, path: str | Path, encoder: TextEncoder, captions: Iterable[str], batch_size: int = 64
+    ) -> TextEmbeddingCache:
+        """The cache at `path` if it was made by `encoder` and holds every caption; otherwise rebuild it."""
+        captions = validate_prompts(list(captions), name="captions")
+        if Path(path).is_file():
+            cache = cls._read(path)
+            missing = sum(c not in cache for c in set(captions))
+            if cache.fingerprint != encoder.fingerprint():
+                logger.info("%s: made by a different text encoder; rebuilding", path)
+            elif missing:
+                logger.info("%s: %d captions are not cached; rebuilding", path, missing)
+            else:
+                return cache
+        return cls.build(encoder, captions, path, batch_size)
+
+    def save(self, path: str | Path) -> None:
+        """Write the cache as one safetensors file (written to a temp name, then renamed, so never half-written)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Captions travel as a UTF-8 JSON byte tensor: the safetensors header has a size cap, tensors do not.
+        captions = torch.frombuffer(
+            bytearray(json.dumps(self.captions, ensure_ascii=False).encode()), dtype=torch.uint8
+        )
+        tensors = {"hidden_states": self.hidden_states, "pooled": self.pooled, "captions_json": captions}
+        metadata = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "num_captions": str(len(self))}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def _read(cls, path: str | Path) -> TextEmbeddingCache:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no text-embedding cache here; build one with TextEmbeddingCache.build")
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != CACHE_FORMAT:
+            raise ValueError(
+                f"{path}: not a text-embedding cache (format {metadata.get('format')!r}, expected {CACHE_FORMAT!r})"
+            )
+        tensors = load_file(path)
+        captions = json.loads(tensors["captions_json"].numpy().tobytes().decode())
+        return cls(captions, tensors["hidden_states"], tensors["pooled"], metadata["fingerprint"])
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __contains__(self, caption: object) -> bool:
+        return caption in self._index
+
+    @property
+    def hidden_size(self) -> int:
+        """D, the width of every token state."""
+        return self.hidden_states.shape[-1]
+
+    @property
+    def max_length(self) -> int:
+        """L, the number of token states per caption."""
+        return self.hidden_states.shape[1]
+
+    def to(self, device: torch.device | str) -> TextEmbeddingCache:
+        """Move the embeddings (e.g. to the GPU once, so lookups are a gather there); returns self."""
+        self.hidden_states = self.hidden_states.to(device)
+        self.pooled = self.pooled.to(device)
+        return self
+
+    def _rows(self, captions: str | Sequence[str]) -> torch.Tensor:
+        rows = []
+        for caption in validate_prompts(captions, name="captions"):
+            row = self._index.get(caption)
+            if row is None:
+                raise KeyError(
+                    f"captions: {caption[:80]!r} is not in the text-embedding cache ({len(self)} captions); "
+                    "rebuild it with every caption of the dataset (TextEmbeddingCache.load_or_build)"
+                )
+            rows.append(row)
+        return torch.tensor(rows, device=self.hidden_states.device)
+
+    def __call__(self, captions: str | Sequence[str]) -> TextEmbeddings:
+        """Look up hidden states (B, L, D) and pooled embeddings (B, D), like calling the encoder."""
+        rows = self._rows(captions)
+        return TextEmbeddings(self.hidden_states[rows], self.pooled[rows])
+
+    def encode(self, captions: str | Sequence[str]) -> torch.Tensor:
+        """Look up the (B, L, D) hidden states of cached captions; an uncached caption is a KeyError."""
+        return self.hidden_states[self._rows(captions)]
+
+    def unconditional(self, batch_size: int = 1) -> torch.Tensor:
+        """The cached embedding of "" repeated to (batch_size, L, D)."""
+        return self.encode([""]).expand(batch_size, -1, -1)
