@@ -74,28 +74,23 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset | IterableDa
 
     path = cfg.train_path if train else cfg.heldout_path
     if not path:
-        raise ValueError(f"data.heldout_path: required for the held-out split of source {cfg.source!r}")
+        key = "train_path" if train else "heldout_path"
+        raise ValueError(f"data.{key}: required for the {split} split of source {cfg.source!r}")
+    # The held-out split is always evaluated the same way: centre crop, no flip, no shuffle.
+    common = {
+        "center_crop": cfg.center_crop or not train,
+        "random_flip": cfg.random_flip and train,
+        "strict": cfg.strict,
+    }
     if cfg.source == "imagefolder":
         from ldm.data.image_folder import ImageFolderDataset
 
         return ImageFolderDataset(
-            path,
-            cfg.resolution,
-            center_crop=cfg.center_crop or not train,
-            random_flip=cfg.random_flip and train,
-            strict=cfg.strict,
-            caption_column=cfg.caption_column,
-            verify=cfg.verify_images,
+            path, cfg.resolution, caption_column=cfg.caption_column, verify=cfg.verify_images, **common
         )
     from ldm.data.webdataset_source import WebDatasetSource
 
     urls: str | list[str] = path.split("::") if "::" in path else path
     return WebDatasetSource(
-        urls,
-        cfg.resolution,
-        center_crop=cfg.center_crop or not train,
-        random_flip=cfg.random_flip and train,
-        strict=cfg.strict,
-        shuffle_buffer=cfg.shuffle_buffer if train else 0,
-        seed=cfg.seed,
+        urls, cfg.resolution, shuffle_buffer=cfg.shuffle_buffer if train else 0, seed=cfg.seed, **common
     )
