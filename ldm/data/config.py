@@ -1,0 +1,101 @@
+"""`DataConfig` (the `data:` section of a training config) and `build_dataset`, which turns it into a dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch.utils.data import Dataset, IterableDataset
+
+SOURCES = ("shapes", "imagefolder", "webdataset")
+DATASET_SPLITS = ("train", "heldout")
+
+
+@dataclass
+class DataConfig:
+    """Where images and captions come from and how they are prepared.
+
+    source: "shapes" (built in, no files), "imagefolder" (a folder with metadata.jsonl) or
+    "webdataset" (.tar shards; paths are a glob, a brace pattern like "data/{000..099}.tar", or a list
+    separated by "::"). The held-out split of shapes is generated; for the other sources it is read
+    from `heldout_path`, always with a centre crop and no flip.
+    """
+
+    source: Literal["shapes", "imagefolder", "webdataset"] = "shapes"
+    resolution: int = 32
+    seed: int = 0
+    # shapes: number of items in each split.
+    num_samples: int = 20000
+    heldout_samples: int = 1000
+    # imagefolder / webdataset: where the data lives.
+    train_path: str | None = None
+    heldout_path: str | None = None
+    caption_column: str = "text"  # imagefolder: the metadata.jsonl key that holds the caption
+    verify_images: bool = True  # imagefolder: decode every image once at start-up to find bad files
+    shuffle_buffer: int = 1000  # webdataset: samples mixed in memory (0 = read in shard order)
+    center_crop: bool = True  # False: a random crop of the resized image
+    random_flip: bool = False
+    strict: bool = False  # a bad image or metadata line is an error instead of a logged skip
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source: {self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.resolution < 8:
+            raise ValueError(f"resolution: must be at least 8 pixels, got {self.resolution}")
+        if self.num_samples <= 0:
+            raise ValueError(f"num_samples: must be positive, got {self.num_samples}")
+        if self.heldout_samples <= 0:
+            raise ValueError(f"heldout_samples: must be positive, got {self.heldout_samples}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if not self.caption_column:
+            raise ValueError("caption_column: must be a non-empty metadata key, e.g. 'text'")
+        if self.source != "shapes" and not self.train_path:
+            what = (
+                "a folder holding metadata.jsonl" if self.source == "imagefolder" else "a glob or list of .tar shards"
+            )
+            raise ValueError(f"train_path: required when source is {self.source!r} ({what})")
+
+
+def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset | IterableDataset:
+    """The dataset `cfg` describes for `split` ("train" or "heldout").
+
+    Held-out data is prepared deterministically (centre crop, no flip, no shuffling) so evaluation
+    numbers are comparable between runs.
+    """
+    if split not in DATASET_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(DATASET_SPLITS)}, got {split!r}")
+    train = split == "train"
+    if cfg.source == "shapes":
+        from ldm.data.shapes import ShapesDataset
+
+        size = cfg.num_samples if train else cfg.heldout_samples
+        return ShapesDataset(size, resolution=cfg.resolution, split=split, seed=cfg.seed)
+
+    path = cfg.train_path if train else cfg.heldout_path
+    if not path:
+        raise ValueError(f"data.heldout_path: required for the held-out split of source {cfg.source!r}")
+    if cfg.source == "imagefolder":
+        from ldm.data.image_folder import ImageFolderDataset
+
+        return ImageFolderDataset(
+            path,
+            cfg.resolution,
+            center_crop=cfg.center_crop or not train,
+            random_flip=cfg.random_flip and train,
+            strict=cfg.strict,
+            caption_column=cfg.caption_column,
+            verify=cfg.verify_images,
+        )
+    from ldm.data.webdataset_source import WebDatasetSource
+
+    urls: str | list[str] = path.split("::") if "::" in path else path
+    return WebDatasetSource(
+        urls,
+        cfg.resolution,
+        center_crop=cfg.center_crop or not train,
+        random_flip=cfg.random_flip and train,
+        strict=cfg.strict,
+        shuffle_buffer=cfg.shuffle_buffer if train else 0,
+        seed=cfg.seed,
+    )

@@ -1,0 +1,186 @@
+"""The built-in synthetic dataset: captioned images of one simple shape on a plain background.
+
+A scene is a shape (circle, square, triangle) in one of 8 colours on a background of another, in one
+of 3 sizes at one of 9 grid positions, plus a small discrete jitter of its centre and scale. Item i of
+a split is drawn from a generator seeded with (seed, split, i), so any item can be produced on its own
+in any worker, reproducibly.
+
+Train and held-out never share an image, by construction: a fixed hash of the rendered pixels assigns
+every possible image to exactly one split (`image_split`), and an item is redrawn until its image hashes
+to the requested split. Splitting on the pixels, not on the scene parameters, matters at low
+resolution, where two different jitters can rasterize to the very same image.
+
+Rendering is antialiased: the scene is drawn at `SUPERSAMPLE` times the resolution and box-filtered
+down, so edge pixels hold the area-weighted mix of shape and background colours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+# Colour names and their sRGB values. The palette is shared by shapes and backgrounds (a shape is never
+# drawn in its background's colour).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLORS: tuple[str, ...] = tuple(PALETTE)
+BACKGROUNDS: tuple[str, ...] = tuple(PALETTE)
+
+# Half-extent of the shape as a fraction of the image side.
+SIZE_EXTENT: dict[str, float] = {"small": 0.08, "medium": 0.12, "large": 0.16}
+SIZES: tuple[str, ...] = tuple(SIZE_EXTENT)
+
+# A 3x3 grid of named positions: (name, centre x, centre y) as fractions of the image side.
+_GRID = (0.22, 0.5, 0.78)
+_ROWS = ("top", "", "bottom")
+_COLS = ("left", "", "right")
+POSITION_CENTER: dict[str, tuple[float, float]] = {
+    (f"{r} {c}".strip() or "center"): (_GRID[j], _GRID[i]) for i, r in enumerate(_ROWS) for j, c in enumerate(_COLS)
+}
+POSITIONS: tuple[str, ...] = tuple(POSITION_CENTER)
+
+# Discrete jitter that makes scenes with equal attributes differ: the centre moves by k * JITTER_STEP of
+# the side (k in -2..2, per axis) and the extent scales by one of SCALE_JITTER. The largest shape at the
+# most extreme jitter still ends inside the image: 0.22 - 2 * 0.02 - 0.16 * 1.1 = 0.004 > 0.
+JITTER_STEP = 0.02
+JITTER_OFFSETS: tuple[int, ...] = (-2, -1, 0, 1, 2)
+SCALE_JITTER: tuple[float, ...] = (0.9, 1.0, 1.1)
+
+SPLITS: tuple[str, ...] = ("train", "heldout")
+HELDOUT_PERCENT = 10  # share of scenes (in percent) that belong to the held-out split
+SUPERSAMPLE = 4  # render at this multiple of the resolution, then box-filter down (antialiasing)
+
+# Caption templates; each names every attribute exactly once.
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {size} {color} {shape} at the {position} on a {background} background",
+    "a {color} {shape}, {size}, {position}, {background} background",
+    "{size} {color} {shape} in the {position}, {background} background",
+    "a {background} background with a {size} {color} {shape} at the {position}",
+    "there is a {size} {color} {shape} at the {position} of a {background} image",
+    "{color} {shape} ({size}) on {background}, {position}",
+)
+
+MAX_ATTEMPTS = 1000  # draws per item before giving up on finding a scene of the requested split
+
+
+def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
+    """Draw scene parameters uniformly: attributes (background never the shape's colour) and jitter."""
+    color = int(rng.integers(len(COLORS)))
+    background = int(rng.integers(len(BACKGROUNDS) - 1))
+    background += background >= color  # skip the shape's own colour
+    return {
+        "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+        "color": COLORS[color],
+        "background": BACKGROUNDS[background],
+        "size": SIZES[int(rng.integers(len(SIZES)))],
+        "position": POSITIONS[int(rng.integers(len(POSITIONS)))],
+        "jitter": (
+            JITTER_OFFSETS[int(rng.integers(len(JITTER_OFFSETS)))],
+            JITTER_OFFSETS[int(rng.integers(len(JITTER_OFFSETS)))],
+            SCALE_JITTER[int(rng.integers(len(SCALE_JITTER)))],
+        ),
+    }
+
+
+def image_split(image: Image.Image) -> str:
+    """The split an image belongs to: a fixed hash of its 8-bit pixels, never seeded.
+
+    heldout iff blake2b(pixels) mod 100 < HELDOUT_PERCENT. Being a function of the pixels alone, two
+    identical images always land in the same split, so no image can be in both.
+    """
+    digest = hashlib.blake2b(image.tobytes(), digest_size=8).digest()
+    return "heldout" if int.from_bytes(digest, "little") % 100 < HELDOUT_PERCENT else "train"
+
+
+def render_scene(scene: dict[str, Any], resolution: int) -> Image.Image:
+    """Draw `scene` as an RGB image of `resolution` x `resolution`, antialiased by supersampling."""
+    big = resolution * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), PALETTE[scene["background"]])
+    draw = ImageDraw.Draw(image)
+    jx, jy, scale = scene["jitter"]
+    cx, cy = POSITION_CENTER[scene["position"]]
+    cx, cy = (cx + jx * JITTER_STEP) * big, (cy + jy * JITTER_STEP) * big
+    r = SIZE_EXTENT[scene["size"]] * scale * big
+    fill = PALETTE[scene["color"]]
+    if scene["shape"] == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif scene["shape"] == "square":
+        s = 0.9 * r  # a slightly smaller square has about the circle's visual weight
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif scene["shape"] == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {scene['shape']!r}; valid: {', '.join(SHAPES)}")
+    # BOX averages each SUPERSAMPLE x SUPERSAMPLE block: edge pixels get the covered-area mix of colours.
+    return image.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def to_model_tensor(image: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB PIL image as a float32 (3, H, W) tensor in [-1, 1]: x / 127.5 - 1."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+    return tensor.to(torch.float32) / 127.5 - 1.0
+
+
+class ShapesDataset(Dataset):
+    """Captioned synthetic shapes; item i is a pure function of (seed, split, i).
+
+    Each item is `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "attributes": {...}}`
+    with attributes shape, color, background, size, position (names from the module's vocabularies).
+    """
+
+    def __init__(self, num_samples: int, resolution: int = 32, split: str = "train", seed: int = 0) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        if resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.num_samples = num_samples
+        self.resolution = resolution
+        self.split = split
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def draw(self, index: int) -> tuple[dict[str, Any], Image.Image, np.random.Generator]:
+        """Item `index`'s scene, its rendered image and the generator it was drawn from.
+
+        Attempt k draws a scene from a generator seeded with (seed, split, index, k); the first whose
+        image belongs to this split (`image_split`) is the item. About 1.1 draws for train, 10 for heldout.
+        """
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for ShapesDataset of length {self.num_samples}")
+        for attempt in range(MAX_ATTEMPTS):
+            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, attempt])
+            scene = sample_scene(rng)
+            image = render_scene(scene, self.resolution)
+            if image_split(image) == self.split:
+                return scene, image, rng
+        raise RuntimeError(f"no {self.split} scene found in {MAX_ATTEMPTS} draws at resolution {self.resolution}")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene, image, rng = self.draw(index)
+        attributes = {key: scene[key] for key in ("shape", "color", "background", "size", "position")}
+        template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+        return {
+            "pixel_values": to_model_tensor(image),
+            "caption": template.format(**attributes),
+            "attributes": attributes,
+        }

@@ -1,0 +1,132 @@
+"""The synthetic shapes dataset: determinism, captions that match the picture, disjoint splits, antialiasing."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.data import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, collate_examples
+from ldm.data.shapes import HELDOUT_PERCENT, PALETTE, POSITION_CENTER, image_split, render_scene, sample_scene
+
+
+def test_items_are_deterministic_from_seed_split_and_index():
+    a, b = ShapesDataset(50, 32, seed=7), ShapesDataset(50, 32, seed=7)
+    for i in (0, 13, 49):
+        assert torch.equal(a[i]["pixel_values"], b[i]["pixel_values"])
+        assert a[i]["caption"] == b[i]["caption"]
+    other = ShapesDataset(50, 32, seed=8)
+    assert any(not torch.equal(a[i]["pixel_values"], other[i]["pixel_values"]) for i in range(10))
+
+
+def test_items_have_the_model_layout_and_range():
+    item = ShapesDataset(4, resolution=48)[0]
+    x = item["pixel_values"]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert set(item["attributes"]) == {"shape", "color", "background", "size", "position"}
+    batch = collate_examples([ShapesDataset(4, 48)[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 48, 48) and len(batch["captions"]) == 4
+
+
+def test_vocabularies_meet_the_minimum():
+    assert {"circle", "square", "triangle"} <= set(SHAPES)
+    assert len(COLORS) >= 6 and len(POSITIONS) == 9 and len(SIZES) >= 3 and len(BACKGROUNDS) >= 6
+
+
+def _named(caption: str, vocabulary) -> list[str]:
+    """Vocabulary words in the caption, longest match first so "top left" is not also read as "top"."""
+    found = []
+    for word in sorted(vocabulary, key=len, reverse=True):
+        pattern = rf"\b{re.escape(word)}\b"
+        if re.search(pattern, caption):
+            found.append(word)
+            caption = re.sub(pattern, " ", caption)
+    return found
+
+
+def test_caption_names_exactly_the_attributes_and_phrasing_varies():
+    ds = ShapesDataset(300, 32)
+    phrasings = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        caption, attrs = item["caption"], item["attributes"]
+        assert _named(caption, SHAPES) == [attrs["shape"]]
+        assert sorted(_named(caption, COLORS)) == sorted({attrs["color"], attrs["background"]})
+        assert _named(caption, SIZES) == [attrs["size"]]
+        assert _named(caption, POSITIONS) == [attrs["position"]]
+        assert attrs["color"] != attrs["background"]
+        # The background is the one named next to "background", "on" or "image".
+        assert re.search(rf"{attrs['background']} (background|image)|on {attrs['background']}", caption)
+        phrasings.add(re.sub(r"\w+", "w", caption))
+    assert len(phrasings) >= 4
+
+
+def test_image_shows_the_attributes_of_its_caption():
+    ds = ShapesDataset(200, 64)
+    area = {size: [] for size in SIZES}
+    for i in range(len(ds)):
+        item = ds[i]
+        attrs = item["attributes"]
+        rgb = ((item["pixel_values"] + 1) * 127.5).round().permute(1, 2, 0).numpy()  # (H, W, 3)
+        fg, bg = np.array(PALETTE[attrs["color"]]), np.array(PALETTE[attrs["background"]])
+        assert np.abs(rgb[0, 0] - bg).max() <= 1  # a corner is background
+        inside = np.abs(rgb - fg).max(axis=-1) <= 1
+        ys, xs = np.nonzero(inside)
+        assert len(xs) > 0
+        cx, cy = POSITION_CENTER[attrs["position"]]
+        # The shape's centroid is within the jitter (plus triangle offset) of its named grid position.
+        assert abs(xs.mean() / 64 - cx) < 0.08 and abs(ys.mean() / 64 - cy) < 0.1
+        area[attrs["size"]].append(len(xs))
+    means = [np.mean(area[size]) for size in SIZES]
+    assert means == sorted(means)  # small < medium < large on average
+
+
+def test_every_item_hashes_to_its_own_split_whatever_the_seed():
+    # image_split is a function of the pixels, so this is what rules out an image in both splits.
+    for seed in (0, 1):
+        for split in ("train", "heldout"):
+            ds = ShapesDataset(200, 16, split=split, seed=seed)
+            assert all(image_split(ds.draw(i)[1]) == split for i in range(len(ds)))
+    # Roughly HELDOUT_PERCENT of random scenes belong to heldout.
+    rng = np.random.default_rng(0)
+    shares = [image_split(render_scene(sample_scene(rng), 32)) == "heldout" for _ in range(2000)]
+    assert abs(np.mean(shares) - HELDOUT_PERCENT / 100) < 0.03
+
+
+def test_train_and_heldout_images_never_coincide():
+    def fingerprints(split, seed):
+        ds = ShapesDataset(1500, 16, split=split, seed=seed)
+        return {ds[i]["pixel_values"].numpy().tobytes() for i in range(len(ds))}
+
+    # At 16 px many scenes rasterize alike; splitting on the pixels still keeps the splits apart.
+    train = fingerprints("train", 0)
+    heldout = fingerprints("heldout", 1)
+    assert len(train) > 1000 and len(heldout) > 1000
+    assert not train & heldout
+
+
+def test_edges_are_antialiased():
+    scene = {
+        "shape": "circle",
+        "color": "red",
+        "background": "blue",
+        "size": "large",
+        "position": "center",
+        "jitter": (0, 0, 1.0),
+    }
+    rgb = np.asarray(render_scene(scene, 32), dtype=np.float64).reshape(-1, 3)
+    fg, bg = np.array(PALETTE["red"], float), np.array(PALETTE["blue"], float)
+    mixed = rgb[(np.abs(rgb - fg).max(1) > 2) & (np.abs(rgb - bg).max(1) > 2)]
+    assert len(mixed) >= 10  # a ring of partially covered pixels
+    # Each mixed pixel is alpha * fg + (1 - alpha) * bg with 0 < alpha < 1 (box filter = area coverage).
+    alpha = (mixed - bg) @ (fg - bg) / ((fg - bg) @ (fg - bg))
+    assert ((alpha > 0) & (alpha < 1)).all()
+    assert np.abs(bg + alpha[:, None] * (fg - bg) - mixed).max() <= 1.0
+
+
+@pytest.mark.parametrize("bad", [{"num_samples": 0}, {"resolution": 4}, {"split": "test"}])
+def test_bad_arguments_name_the_argument(bad):
+    kwargs = {"num_samples": 4, "resolution": 32, "split": "train", **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ShapesDataset(**kwargs)
