@@ -1,37 +1,39 @@
 """Stage 1: the KL-regularized autoencoder (a diffusers AutoencoderKL), its losses and its trainer.
 
 This package imports torch, diffusers, lpips and accelerate only; it is handed data loaders and
-never imports `ldm`.
+never imports `ldm`. The configs import instantly; the rest loads on first use, so a command line
+that only parses its config stays fast.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from autoencoder._compat import ensure_torchvision_importable
 
-# Before anything imports diffusers -> transformers -> torchvision (see autoencoder._compat).
+# Every submodule import runs this file first, so this precedes any diffusers / lpips import.
 ensure_torchvision_importable()
 
 from autoencoder.config import AutoencoderConfig, LossConfig, ModelConfig, TrainConfig  # noqa: E402
-from autoencoder.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
-from autoencoder.loss import AutoencoderLoss  # noqa: E402
-from autoencoder.model import KLAutoencoder, build_vae  # noqa: E402
-from autoencoder.perceptual import build_lpips, lpips_backbone_available, require_lpips_backbone  # noqa: E402
-from autoencoder.posterior import DiagonalGaussian  # noqa: E402
-from autoencoder.trainer import train_autoencoder  # noqa: E402
 
-__all__ = [
-    "AutoencoderConfig",
-    "AutoencoderLoss",
-    "DiagonalGaussian",
-    "KLAutoencoder",
-    "LossConfig",
-    "ModelConfig",
-    "PatchDiscriminator",
-    "TrainConfig",
-    "adaptive_weight",
-    "build_lpips",
-    "build_vae",
-    "hinge_d_loss",
-    "hinge_g_loss",
-    "lpips_backbone_available",
-    "require_lpips_backbone",
-    "train_autoencoder",
-]
+_LAZY = {
+    "AutoencoderLoss": "autoencoder.loss",
+    "DiagonalGaussian": "autoencoder.posterior",
+    "KLAutoencoder": "autoencoder.model",
+    "PatchDiscriminator": "autoencoder.discriminator",
+    "adaptive_weight": "autoencoder.discriminator",
+    "build_lpips": "autoencoder.perceptual",
+    "build_vae": "autoencoder.model",
+    "lpips_backbone_available": "autoencoder.perceptual",
+    "require_lpips_backbone": "autoencoder.perceptual",
+    "train_autoencoder": "autoencoder.trainer",
+}
+
+__all__ = ["AutoencoderConfig", "LossConfig", "ModelConfig", "TrainConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'autoencoder' has no attribute {name!r}")

@@ -94,6 +94,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from lr down to lr / 10 at the last step
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = 0
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     log_every: int = 25
     sample_every: int = 500
     checkpoint_every: int = 500
@@ -107,8 +108,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.disc_lr <= 0:
             raise ValueError("lr and disc_lr: must be positive")
-        if self.warmup_steps < 0 or self.num_workers < 0:
-            raise ValueError("warmup_steps and num_workers: must be >= 0")
+        if self.warmup_steps < 0 or self.num_workers < 0 or self.num_threads < 0:
+            raise ValueError("warmup_steps, num_workers and num_threads: must be >= 0")
         if self.eval_samples < 1 or self.scale_samples < 1:
             raise ValueError("eval_samples and scale_samples: must be at least 1")
 

@@ -56,6 +56,8 @@ def train_autoencoder(
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(tc.seed)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     if perceptual is None and cfg.loss.lpips_weight > 0:
         perceptual = build_lpips(cfg.loss.lpips_net)  # fails fast, before any work, without the backbone
     model = KLAutoencoder(build_vae(cfg.model), cfg.loss.logvar_init)
