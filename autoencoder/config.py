@@ -24,7 +24,7 @@ class ModelConfig:
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16  # GroupNorm groups; must divide every width
-    mid_block_attention: bool = True
+    mid_block_attention: bool = False  # the 8x8 quickstart latent gains little from it; SD's VAE has it
     sample_size: int = 32  # nominal image size, recorded in the VAE config
 
     def __post_init__(self) -> None:
@@ -84,8 +84,8 @@ class TrainConfig:
     """The optimization run: steps, batch, optimizers, precision and how often to log, sample and save."""
 
     seed: int = 0
-    steps: int = 1500  # optimizer steps (each one is grad_accum micro-batches)
-    batch_size: int = 32  # per process, per micro-batch
+    steps: int = 1200  # optimizer steps (each one is grad_accum micro-batches)
+    batch_size: int = 16  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 2e-3
     disc_lr: float = 2e-4
@@ -94,10 +94,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from lr down to lr / 10 at the last step
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = 0
-    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
+    num_threads: int = 1  # torch CPU threads (0 = one per core); 1 avoids stalls on a busy shared CPU
     log_every: int = 25
-    sample_every: int = 500
-    checkpoint_every: int = 500
+    sample_every: int = 400
+    checkpoint_every: int = 400
     eval_samples: int = 1000  # held-out images for the final metrics
     scale_samples: int = 512  # images whose latents set the scaling factor
 
