@@ -1,0 +1,123 @@
+"""Typed configs for the autoencoder: the network, its loss and its training run (pure dataclasses).
+
+The defaults are the CPU quickstart (shapes at 32x32, f = 4); configs/autoencoder_sd_f8_256.yaml is the
+GPU-sized variant. `ldm` loads YAML into these; this package does not read files itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+LPIPS_NETS = ("vgg", "alex", "squeeze")
+
+
+@dataclass
+class ModelConfig:
+    """A diffusers AutoencoderKL: built from the fields below, or loaded from `pretrained` to fine-tune.
+
+    Downsampling factor f = 2^(len(block_out_channels) - 1); the latent is (latent_channels, H/f, W/f).
+    """
+
+    pretrained: str | None = None  # a diffusers VAE folder or hub id; the architecture fields are then ignored
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16  # GroupNorm groups; must divide every width
+    mid_block_attention: bool = False  # the 8x8 quickstart latent gains little from it; SD's VAE has it
+    sample_size: int = 32  # nominal image size, recorded in the VAE config
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels: needs at least one width, e.g. [128, 256, 512, 512]")
+        bad = [c for c in self.block_out_channels if c <= 0 or c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"block_out_channels: {list(bad)} not positive multiples of norm_num_groups={self.norm_num_groups}"
+            )
+        if self.layers_per_block < 1 or self.latent_channels < 1:
+            raise ValueError("layers_per_block and latent_channels: must be at least 1")
+
+    @property
+    def downsampling_factor(self) -> int:
+        """f = 2^(levels - 1)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class LossConfig:
+    """L1 + LPIPS through a learned log-variance, + KL, + a PatchGAN hinge loss (CompVis LPIPSWithDiscriminator).
+
+    The defaults turn LPIPS and the discriminator off: the CPU quickstart has no LPIPS backbone weights
+    and its 5-minute budget is spent on reconstruction. Set lpips_weight: 1.0, disc_weight: 0.5 for real data.
+    """
+
+    pixel_weight: float = 1.0
+    lpips_weight: float = 0.0
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0
+    disc_weight: float = 0.0  # 0 = no discriminator is built
+    disc_start: int = 50001  # optimizer step from which the adversarial terms count
+    disc_factor: float = 1.0
+    disc_layers: int = 3
+    disc_channels: int = 64
+    adaptive_weight_max: float = 1e4
+
+    def __post_init__(self) -> None:
+        for name in ("pixel_weight", "lpips_weight", "kl_weight", "disc_weight", "disc_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lpips_net not in LPIPS_NETS:
+            raise ValueError(f"lpips_net: {self.lpips_net!r} is not one of {', '.join(LPIPS_NETS)}")
+        if self.disc_layers < 1 or self.disc_channels < 1:
+            raise ValueError("disc_layers and disc_channels: must be at least 1")
+
+    @property
+    def use_discriminator(self) -> bool:
+        """Whether a discriminator is built and trained at all."""
+        return self.disc_weight > 0 and self.disc_factor > 0
+
+
+@dataclass
+class TrainConfig:
+    """The optimization run: steps, batch, optimizers, precision and how often to log, sample and save."""
+
+    seed: int = 0
+    steps: int = 1200  # optimizer steps (each one is grad_accum micro-batches)
+    batch_size: int = 16  # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-3
+    disc_lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.5, 0.9)  # CompVis' GAN-friendly betas, for both optimizers
+    warmup_steps: int = 50
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from lr down to lr / 10 at the last step
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    num_workers: int = 0
+    num_threads: int = 1  # torch CPU threads (0 = one per core); 1 avoids stalls on a busy shared CPU
+    log_every: int = 25
+    sample_every: int = 400
+    checkpoint_every: int = 400
+    eval_samples: int = 1000  # held-out images for the final metrics
+    scale_samples: int = 512  # images whose latents set the scaling factor
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.disc_lr <= 0:
+            raise ValueError("lr and disc_lr: must be positive")
+        if self.warmup_steps < 0 or self.num_workers < 0 or self.num_threads < 0:
+            raise ValueError("warmup_steps, num_workers and num_threads: must be >= 0")
+        if self.eval_samples < 1 or self.scale_samples < 1:
+            raise ValueError("eval_samples and scale_samples: must be at least 1")
+
+
+@dataclass
+class AutoencoderConfig:
+    """Everything the autoencoder trainer needs besides the data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

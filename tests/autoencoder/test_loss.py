@@ -1,0 +1,89 @@
+"""The CompVis-style autoencoder loss: the learned-variance NLL, the discriminator phase, LPIPS wiring."""
+
+import math
+
+import pytest
+import torch
+
+from autoencoder.config import LossConfig, ModelConfig
+from autoencoder.discriminator import PatchDiscriminator, hinge_d_loss
+from autoencoder.loss import AutoencoderLoss
+from autoencoder.model import KLAutoencoder, build_vae
+from autoencoder.posterior import DiagonalGaussian
+
+TINY = ModelConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_num_groups=8)
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _forward(model: KLAutoencoder, x: torch.Tensor):
+    x_rec, moments = model(x, torch.Generator().manual_seed(0))
+    return x_rec, DiagonalGaussian(moments)
+
+
+def test_nll_uses_the_learned_log_variance_and_kl_weight():
+    torch.manual_seed(0)
+    model = KLAutoencoder(build_vae(TINY), logvar_init=0.5)
+    cfg = LossConfig(kl_weight=1e-3)
+    x = _batch()
+    x_rec, posterior = _forward(model, x)
+    terms = AutoencoderLoss(cfg).generator_loss(x, x_rec, posterior, model.logvar, step=0)
+    l1 = (x - x_rec).abs()
+    nll = (l1 / math.exp(0.5) + 0.5).sum() / x.shape[0]
+    torch.testing.assert_close(terms.loss, nll + 1e-3 * posterior.kl().mean())
+    terms.loss.backward()
+    assert model.logvar.grad is not None and model.logvar.grad != 0
+
+
+def test_discriminator_phase_adaptive_weight_is_finite_and_positive():
+    torch.manual_seed(0)
+    model = KLAutoencoder(build_vae(TINY))
+    disc = PatchDiscriminator(3, channels=8, layers=2)
+    criterion = AutoencoderLoss(LossConfig(disc_weight=0.5, disc_start=5))
+    x = _batch()
+
+    x_rec, posterior = _forward(model, x)
+    before = criterion.generator_loss(x, x_rec, posterior, model.logvar, 4, disc, model.last_layer)
+    assert "d_weight" not in before.logs  # the GAN is off before disc_start
+
+    after = criterion.generator_loss(x, x_rec, posterior, model.logvar, 5, disc, model.last_layer)
+    weight = after.logs["d_weight"]
+    assert math.isfinite(weight) and weight > 0
+    assert after.loss.item() != pytest.approx(before.loss.item())
+    after.loss.backward()
+    assert all(p.grad is None for p in disc.parameters())  # the generator step never trains the discriminator
+    assert model.last_layer.grad is not None and torch.isfinite(model.last_layer.grad).all()
+    assert all(p.requires_grad for p in disc.parameters())  # and leaves it trainable
+
+    model.zero_grad()
+    d_terms = criterion.discriminator_loss(x, x_rec, disc, step=5)
+    d_terms.loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # the discriminator step never trains the autoencoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
+    assert criterion.discriminator_loss(x, x_rec, disc, step=4).loss.item() == 0.0
+
+
+def test_hinge_loss_is_zero_for_a_confident_discriminator():
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(1.0)
+
+
+def test_lpips_term_with_an_explicitly_random_backbone():
+    # A randomly initialized VGG: exercises the code path only; it is not the LPIPS metric.
+    import lpips
+
+    random_backbone_lpips = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    criterion = AutoencoderLoss(LossConfig(lpips_weight=1.0), perceptual=random_backbone_lpips)
+    x, x_rec = _batch(0), _batch(1).requires_grad_(True)
+    rec = criterion.reconstruction(x, x_rec)
+    torch.testing.assert_close(rec, (x - x_rec).abs() + random_backbone_lpips(x, x_rec))
+    rec.sum().backward()
+    assert x_rec.grad is not None and torch.isfinite(x_rec.grad).all()
+    assert all(not p.requires_grad for p in random_backbone_lpips.parameters())
+
+
+def test_lpips_weight_without_a_network_is_refused():
+    with pytest.raises(ValueError, match="lpips_weight"):
+        AutoencoderLoss(LossConfig(lpips_weight=1.0))
