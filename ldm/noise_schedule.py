@@ -1,0 +1,111 @@
+"""The noise process of a model folder: one typed config, saved as diffusers' `scheduler/` config.
+
+The same settings build our `GaussianDiffusion` (for training and our samplers) and a diffusers
+scheduler config, so `diffusers.StableDiffusionPipeline` walks the same chain our pipeline does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ldm.diffusion import DIFFUSERS_SCHEDULE_NAMES, GaussianDiffusion
+
+# Our prediction names and diffusers' `prediction_type` values.
+DIFFUSERS_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+SCHEDULER_CLASS = "DDIMScheduler"  # what `scheduler/scheduler_config.json` names; DDPM reads the same arrays
+
+
+@dataclass
+class NoiseScheduleConfig:
+    """The forward process q(x_t | x_0) and what the network predicts about it.
+
+    Defaults are Stable Diffusion 1.x's: 1000 steps of the scaled-linear schedule from 0.00085 to 0.012,
+    eps prediction, fixed-small (beta~) reverse variance. Sampling visits `leading` timesteps shifted by
+    `steps_offset` (diffusers' convention), and the final DDIM step lands on alphabar = 1.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_small"
+    zero_terminal_snr: bool = False  # rescale so alphabar_T = 0 (needs v or x0 prediction)
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    steps_offset: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps: must be >= 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(
+                f"beta_start, beta_end: need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ValueError("zero_terminal_snr: needs prediction 'v' or 'x0'; eps cannot recover x0 at SNR 0")
+        if not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ValueError(f"steps_offset: must be in [0, {self.num_train_timesteps}), got {self.steps_offset}")
+
+    def build(self) -> GaussianDiffusion:
+        """The `GaussianDiffusion` these settings describe."""
+        return GaussianDiffusion.from_schedule(
+            self.beta_schedule,
+            self.num_train_timesteps,
+            self.prediction,
+            self.variance,
+            zero_terminal_snr=self.zero_terminal_snr,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
+
+    @property
+    def output_channels_factor(self) -> int:
+        """2 when the network also outputs the variance interpolation (learned_range), else 1."""
+        return 2 if self.variance == "learned_range" else 1
+
+    def to_scheduler_config(self) -> dict[str, Any]:
+        """diffusers' scheduler config (the content of `scheduler/scheduler_config.json`)."""
+        return {
+            "_class_name": SCHEDULER_CLASS,
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": DIFFUSERS_SCHEDULE_NAMES[self.beta_schedule],
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "prediction_type": DIFFUSERS_PREDICTION_NAMES[self.prediction],
+            "variance_type": self.variance,
+            "rescale_betas_zero_snr": self.zero_terminal_snr,
+            "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset,
+            "clip_sample": False,
+            "set_alpha_to_one": True,
+            "thresholding": False,
+        }
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict[str, Any], source: str = "scheduler config") -> NoiseScheduleConfig:
+        """Read a diffusers scheduler config (any of its DDPM/DDIM/PNDM/... classes share these keys)."""
+        schedules = {v: k for k, v in DIFFUSERS_SCHEDULE_NAMES.items()}
+        predictions = {v: k for k, v in DIFFUSERS_PREDICTION_NAMES.items()}
+        schedule = config.get("beta_schedule", "linear")
+        prediction = config.get("prediction_type", "epsilon")
+        if schedule not in schedules:
+            raise ValueError(f"{source}: beta_schedule {schedule!r} is not supported; use one of {sorted(schedules)}")
+        if prediction not in predictions:
+            raise ValueError(f"{source}: prediction_type {prediction!r} is not one of {sorted(predictions)}")
+        if config.get("trained_betas") is not None:
+            raise ValueError(f"{source}: trained_betas (an explicit beta array) is not supported")
+        variance = config.get("variance_type") or "fixed_small"
+        if variance not in ("fixed_small", "fixed_large", "learned_range"):
+            raise ValueError(f"{source}: variance_type {variance!r} is not fixed_small, fixed_large or learned_range")
+        return cls(
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            beta_schedule=schedules[schedule],
+            beta_start=float(config.get("beta_start", 0.0001)),
+            beta_end=float(config.get("beta_end", 0.02)),
+            prediction=predictions[prediction],
+            variance=variance,
+            zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
+            timestep_spacing=config.get("timestep_spacing", "leading"),
+            steps_offset=int(config.get("steps_offset", 0)),
+        )
