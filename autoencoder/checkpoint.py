@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -17,10 +18,17 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int) -> Path:
-    """Save models, optimizers and RNG states to checkpoints/step_NNNNNNN (all processes must call this)."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, extra: Callable[[Path], None] | None = None
+) -> Path:
+    """Save models, optimizers and RNG states to checkpoints/step_NNNNNNN (all processes must call this).
+
+    `extra(path)` writes anything else the trainer keeps (e.g. its EMA) before the folder is marked complete.
+    """
     path = checkpoint_dir(output_dir) / f"step_{step:07d}"
     accelerator.save_state(str(path), safe_serialization=True)
+    if extra is not None:
+        extra(path)
     if accelerator.is_main_process:
         # Written last: a folder without it is an interrupted save and is never resumed from.
         (path / STATE_FILE).write_text(json.dumps({"step": step}), encoding="utf-8")

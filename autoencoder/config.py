@@ -20,7 +20,7 @@ class ModelConfig:
     """
 
     pretrained: str | None = None  # a diffusers VAE folder or hub id; the architecture fields are then ignored
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (32, 32, 32)
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16  # GroupNorm groups; must divide every width
@@ -84,7 +84,7 @@ class TrainConfig:
     """The optimization run: steps, batch, optimizers, precision and how often to log, sample and save."""
 
     seed: int = 0
-    steps: int = 1200  # optimizer steps (each one is grad_accum micro-batches)
+    steps: int = 2800  # optimizer steps (each one is grad_accum micro-batches)
     batch_size: int = 16  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 2e-3
@@ -94,10 +94,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from lr down to lr / 10 at the last step
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = 0
-    num_threads: int = 1  # torch CPU threads (0 = one per core); 1 avoids stalls on a busy shared CPU
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     log_every: int = 25
-    sample_every: int = 400
-    checkpoint_every: int = 400
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
     eval_samples: int = 1000  # held-out images for the final metrics
     scale_samples: int = 512  # images whose latents set the scaling factor
 

@@ -1,0 +1,106 @@
+"""Where a stage-2 batch comes from: the latent + text caches, or the frozen encoders run on every step.
+
+Both sources turn a loader batch into the same pair: latents z * scaling_factor (B, C, h, w), drawn
+fresh from q(z | x), and the text context (B, L, D) of the captions after caption dropout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from autoencoder.posterior import DiagonalGaussian
+from conditioning import TextEmbeddingCache, TextEncoder, drop_captions
+from ldm.data import collate_examples
+from ldm.training.latent_cache import LatentCache, module_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack cached items into {"moments": (B, 2C, h, w), "captions": list[str]}."""
+    moments = torch.stack([item["moments"] for item in items])
+    return {"moments": moments, "captions": [item["caption"] for item in items]}
+
+
+class LatentBatches:
+    """Turns loader batches into (latents, context) for the U-Net, from caches or by encoding live."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: TextEncoder,
+        p_uncond: float,
+        text_cache: TextEmbeddingCache | None = None,
+    ) -> None:
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_cache = text_cache
+        self.p_uncond = p_uncond
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Latents scaling_factor * z, z ~ q(z | x), (B, C, h, w), and the text context (B, L, D)."""
+        if "moments" in batch:
+            moments = batch["moments"]
+        else:
+            moments = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist.parameters
+        latents = DiagonalGaussian(moments.float()).sample() * self.scaling_factor
+        captions = drop_captions(batch["captions"], self.p_uncond)
+        encoder = self.text_cache if self.text_cache is not None else self.text_encoder
+        context = encoder.encode(captions).to(latents.device, torch.float32)
+        return latents, context
+
+
+def build_train_dataset(
+    dataset: Dataset | IterableDataset,
+    vae: AutoencoderKL,
+    text_encoder: TextEncoder,
+    data_settings: Any,
+    cache_dir: Path | None,
+    device: torch.device,
+    main_process_first: Any,
+) -> tuple[Dataset | IterableDataset, TextEmbeddingCache | None, float]:
+    """The dataset the loader reads, the text cache (or None), and the seconds spent building the caches.
+
+    With `cache_dir` the VAE moments and the caption embeddings are computed once (by the main process,
+    the others wait and read the files); without it the raw dataset is returned and both encoders run on
+    every step. Only a fixed map-style dataset with deterministic preprocessing can be cached.
+    """
+    if cache_dir is None:
+        return dataset, None, 0.0
+    start = time.perf_counter()
+    fingerprint = module_fingerprint(vae, {"data": asdict(data_settings), "size": len(dataset)})  # type: ignore[arg-type]
+
+    def encode_moments(x: Tensor) -> Tensor:
+        return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters
+
+    with main_process_first():
+        latents = LatentCache.load_or_build(cache_dir / "latents.safetensors", encode_moments, dataset, fingerprint)
+        captions = TextEmbeddingCache.load_or_build(cache_dir / "captions.safetensors", text_encoder, latents.captions)
+    return latents, captions.to(device), time.perf_counter() - start
+
+
+def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """A shuffling loader (map-style) or a streaming one; full batches only, so every step sees batch_size."""
+    cached = isinstance(dataset, LatentCache)
+    streaming = isinstance(dataset, IterableDataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=not streaming,
+        drop_last=not streaming,
+        num_workers=num_workers,
+        collate_fn=collate_cached if cached else collate_examples,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,60 @@
+import torch
+from diffusers import AutoencoderKL
+
+from autoencoder.posterior import DiagonalGaussian
+from ldm.data import ShapesDataset
+from ldm.training.latent_cache import LatentCache, module_fingerprint
+
+
+def _vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+
+
+def _encoder(vae):
+    return lambda x: vae.encode(x).latent_dist.parameters
+
+
+def test_cache_holds_the_posterior_moments_and_captions(tmp_path):
+    vae, data = _vae(), ShapesDataset(10, resolution=16)
+    cache = LatentCache.build(_encoder(vae), data, tmp_path / "latents.safetensors", "fp", batch_size=4)
+    images = torch.stack([data[i]["pixel_values"] for i in range(10)])
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.parameters
+    assert cache.moments.shape == (10, 8, 8, 8)
+    torch.testing.assert_close(cache.moments, expected, atol=1e-5, rtol=1e-5)
+    assert cache.captions == [data[i]["caption"] for i in range(10)]
+    loaded = LatentCache.load(tmp_path / "latents.safetensors")
+    assert torch.equal(loaded.moments, cache.moments) and loaded.captions == cache.captions
+
+
+def test_each_read_draws_a_fresh_latent_from_the_cached_posterior(tmp_path):
+    vae, data = _vae(), ShapesDataset(4, resolution=16)
+    cache = LatentCache.build(_encoder(vae), data, tmp_path / "c.safetensors", "fp")
+    posterior = DiagonalGaussian(cache.moments)
+    a, b = posterior.sample(), posterior.sample()
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(posterior.mean, cache.moments[:, :4])
+
+
+def test_a_cache_from_another_vae_is_rebuilt_not_reused(tmp_path):
+    data, path = ShapesDataset(4, resolution=16), tmp_path / "c.safetensors"
+    first, second = _vae(0), _vae(1)
+    fp1, fp2 = module_fingerprint(first, {"data": 1}), module_fingerprint(second, {"data": 1})
+    assert fp1 != fp2 and fp1 == module_fingerprint(_vae(0), {"data": 1})
+    assert fp1 != module_fingerprint(first, {"data": 2})
+    LatentCache.load_or_build(path, _encoder(first), data, fp1)
+    rebuilt = LatentCache.load_or_build(path, _encoder(second), data, fp2)
+    assert rebuilt.fingerprint == fp2
+    with torch.no_grad():
+        expected = second.encode(torch.stack([data[i]["pixel_values"] for i in range(4)])).latent_dist.parameters
+    torch.testing.assert_close(rebuilt.moments, expected, atol=1e-5, rtol=1e-5)
+    assert LatentCache.load_or_build(path, lambda x: 1 / 0, data, fp2).fingerprint == fp2  # reused, not re-encoded

@@ -1,0 +1,92 @@
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm import LatentDiffusionPipeline
+from ldm.data import ShapesDataset, collate_examples
+from ldm.training import train_diffusion
+from ldm.training.batches import LatentBatches, collate_cached
+from ldm.training.latent_cache import LatentCache
+from ldm.training.trainer import learning_rate, load_vae
+
+pytestmark = pytest.mark.training
+
+
+def test_a_tiny_run_trains_saves_and_samples(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    metrics = train_diffusion(tiny_config(), out)
+    assert metrics["step"] == 6 and metrics["latent_cache"] is True
+    assert (out / "cache" / "latents.safetensors").is_file() and (out / "cache" / "captions.safetensors").is_file()
+    assert (out / "samples" / "step_0000003.png").is_file() and (out / "samples" / "final.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["step"] == 6
+    pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
+    first = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np")
+    again = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np")
+    assert first.images.shape == (1, 16, 16, 3)
+    assert (first.images == again.images).all()
+    assert pipe.defaults.guidance_scale == tiny_config().validation.guidance_scale
+
+
+def test_the_exported_unet_holds_the_ema_weights(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    train_diffusion(tiny_config(ema_decay=0.5), out)
+    exported = list(LatentDiffusionPipeline.from_pretrained(out / "pipeline").unet.parameters())
+    ema = load_file(out / "checkpoints" / "step_0000006" / "ema.safetensors")
+    assert len(exported) == len(ema)
+    assert all(torch.equal(p, ema[f"shadow.{i}"]) for i, p in enumerate(exported))
+
+
+def test_resume_continues_the_step_count_and_the_lr_schedule(tiny_config, tmp_path):
+    cfg = tiny_config()
+    straight = train_diffusion(cfg, tmp_path / "straight")
+    out = tmp_path / "resumed"
+    train_diffusion(cfg, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000006")  # as if the run had died after step 3's checkpoint
+    resumed = train_diffusion(cfg, out, resume="latest")
+    assert resumed["step"] == straight["step"] == 6
+    assert resumed["steps_this_run"] == 3
+    assert resumed["lr"] == straight["lr"] == pytest.approx(learning_rate(5, cfg.train))
+    assert resumed["ema_updates"] == 6  # the average continued from the checkpoint, not from scratch
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_zero(tiny_config):
+    tc = tiny_config(steps=102, warmup_steps=2).train
+    lrs = [learning_rate(s, tc) for s in range(102)]
+    assert lrs[0] == pytest.approx(tc.lr / 2) and lrs[1] == pytest.approx(tc.lr)
+    assert lrs[2] == pytest.approx(tc.lr) and lrs[52] == pytest.approx(tc.lr / 2)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:])) and lrs[-1] < tc.lr * 1e-3
+
+
+def test_cached_and_live_batches_give_the_same_latents(tiny_config, tiny_vae_dir, tmp_path):
+    from conditioning import TextEncoder
+
+    cfg = tiny_config()
+    vae, encoder = load_vae(str(tiny_vae_dir)).eval(), TextEncoder.from_config(cfg.text_encoder)
+    data = ShapesDataset(4, resolution=16)
+    cache = LatentCache.build(lambda x: vae.encode(x).latent_dist.parameters, data, tmp_path / "l.safetensors", "fp")
+    to_latents = LatentBatches(vae, encoder, p_uncond=0.0)
+    torch.manual_seed(3)
+    live, live_context = to_latents(collate_examples([data[i] for i in range(4)]))
+    torch.manual_seed(3)
+    cached, cached_context = to_latents(collate_cached([cache[i] for i in range(4)]))
+    torch.testing.assert_close(live, cached, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(live_context, cached_context)
+    assert live.std() > 0.1  # scaled by 0.7, non-trivial
+
+
+def test_a_missing_autoencoder_is_a_clear_error(tiny_config, tmp_path):
+    cfg = tiny_config()
+    cfg.autoencoder = str(tmp_path / "nowhere" / "vae")
+    with pytest.raises(FileNotFoundError, match="train stage 1 first"):
+        train_diffusion(cfg, tmp_path / "run")
+
+
+def test_a_resolution_the_unet_cannot_halve_is_refused(tiny_config, tmp_path):
+    cfg = tiny_config()
+    cfg.data.resolution = 18  # 9x9 latents: the 2-level U-Net cannot halve 9
+    with pytest.raises(ValueError, match=r"data\.resolution"):
+        train_diffusion(cfg, tmp_path / "run")
