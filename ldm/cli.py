@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules under ldm.commands, in the order `ldm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train_autoencoder", "train_diffusion", "toy")
+COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train_autoencoder", "train_diffusion", "generate", "toy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    from ldm.commands import CommandError
     from ldm.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:  # bad input the user can fix: one line, no traceback
+    except (ConfigError, CommandError) as err:  # bad input the user can fix: one line, no traceback
         parser.exit(2, f"ldm {args.command}: error: {err}\n")
 
 

@@ -1,0 +1,83 @@
+"""Model-space images (tensors in [-1, 1]) to pixels: PIL images, grids and denoising strips.
+
+The conversion is diffusers' `VaeImageProcessor.postprocess`: x -> (x / 2 + 0.5).clamp(0, 1), then
+round(255 x) to uint8, so a PNG written here has the same bytes diffusers would write for the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1]: (x / 2 + 0.5).clamp(0, 1), in float32."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> float32 (B, H, W, C) in [0, 1], diffusers' output_type="np"."""
+    return rearrange(to_unit_range(images), "b c h w -> b h w c").cpu().numpy()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, C, H, W) in [-1, 1] (C = 3, or 1 for grey) -> B PIL images, rounded as diffusers rounds."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    pixels = (to_numpy(images) * 255).round().astype(np.uint8)  # (B, H, W, C)
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p[..., 0], mode="L") for p in pixels]
+    return [Image.fromarray(p, mode="RGB") for p in pixels]
+
+
+def image_grid(
+    images: Sequence[Image.Image] | torch.Tensor,
+    rows: int | None = None,
+    padding: int = 2,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Tile images row by row into `rows` rows (default: as square as possible), `padding` pixels apart.
+
+    `images` is a list of equally sized PIL images, or a (B, C, H, W) tensor in [-1, 1].
+    """
+    tiles = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
+    if not tiles:
+        raise ValueError("images: is empty; a grid needs at least one image")
+    if rows is None:
+        rows = max(1, math.isqrt(len(tiles)))
+    if rows < 1:
+        raise ValueError(f"rows: must be >= 1, got {rows}")
+    cols = math.ceil(len(tiles) / rows)
+    width, height = tiles[0].size
+    if any(tile.size != (width, height) for tile in tiles):
+        raise ValueError(f"images: all must have the size of the first, {width}x{height}")
+    grid = Image.new(
+        "RGB", (cols * width + (cols + 1) * padding, rows * height + (rows + 1) * padding), color=background
+    )
+    for i, tile in enumerate(tiles):
+        row, col = divmod(i, cols)
+        grid.paste(tile.convert("RGB"), (padding + col * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def save_image_grid(
+    images: Sequence[Image.Image] | torch.Tensor, path: str | Path, rows: int | None = None, padding: int = 2
+) -> Path:
+    """`image_grid(images, rows, padding)` written as a PNG at `path` (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, rows, padding).save(path)
+    return path
+
+
+def evenly_spaced(length: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(length), always including the first and the last."""
+    if length < 1 or count < 1:
+        raise ValueError(f"evenly_spaced: length and count must be >= 1, got {length}, {count}")
+    return sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(min(count, length))})

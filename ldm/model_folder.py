@@ -1,0 +1,140 @@
+"""The model folder on disk: a diffusers Stable Diffusion pipeline folder, plus our sampling defaults.
+
+    model_index.json            StableDiffusionPipeline; safety checker, feature extractor, image encoder null
+    vae/                        AutoencoderKL: config.json (with scaling_factor) + diffusion_pytorch_model.safetensors
+    unet/                       UNet2DConditionModel: config.json + diffusion_pytorch_model.safetensors
+    text_encoder/, tokenizer/   CLIPTextModel (config.json + model.safetensors) and the CLIP tokenizer
+    scheduler/                  scheduler_config.json: the noise process (NoiseScheduleConfig)
+    ldm_sampling.json           SamplingDefaults; diffusers ignores files it does not know
+
+This module reads and writes the small JSON files and checks that a folder is complete; the pipeline
+loads the networks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import diffusers
+
+from ldm.noise_schedule import NoiseScheduleConfig
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+SAMPLING_DEFAULTS = "ldm_sampling.json"
+PIPELINE_CLASS = "StableDiffusionPipeline"
+# Folder -> the file that must be in it, and whether it holds weights (which must be safetensors).
+COMPONENTS: dict[str, tuple[str, bool]] = {
+    "vae": ("config.json", True),
+    "unet": ("config.json", True),
+    "text_encoder": ("config.json", True),
+    "tokenizer": ("tokenizer_config.json", False),
+    "scheduler": ("scheduler_config.json", False),
+}
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class SamplingDefaults:
+    """The sampling settings a model folder recommends; `LatentDiffusionPipeline.__call__` falls back to them.
+
+    guidance_scale is w in eps~ = eps_u + w (eps_c - eps_u) (1 = no guidance). 7.5 is Stable Diffusion's
+    default; the stage-2 trainer writes the value that works best for the model it trained.
+    """
+
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale: must be >= 0 (1 = no guidance), got {self.guidance_scale}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta: must be in [0, 1], got {self.eta}")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `folder/ldm_sampling.json`."""
+        path = Path(folder) / SAMPLING_DEFAULTS
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SamplingDefaults:
+        """Read `folder/ldm_sampling.json`; a folder without one (e.g. a Stable Diffusion download) gets defaults."""
+        path = Path(folder) / SAMPLING_DEFAULTS
+        if not path.is_file():
+            return cls()
+        values = _read_json(path)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """Raise FileNotFoundError naming the folder and the first missing piece, unless the folder is complete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: model folder not found")
+    if not (folder / MODEL_INDEX).is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder, {MODEL_INDEX} is missing")
+    for name, (config_file, has_weights) in COMPONENTS.items():
+        if not (folder / name / config_file).is_file():
+            raise FileNotFoundError(f"{folder}: component {name!r} is missing ({name}/{config_file} not found)")
+        if has_weights and not any((folder / name).glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"{folder}: component {name!r} has no .safetensors weights (pickled .bin weights are not loaded)"
+            )
+    return folder
+
+
+def write_model_index(folder: str | Path, components: dict[str, tuple[str, str]]) -> Path:
+    """Write `model_index.json` for diffusers' StableDiffusionPipeline.
+
+    `components` maps a folder name to its (library, class), e.g. "vae": ("diffusers", "AutoencoderKL").
+    The safety checker, feature extractor and image encoder are recorded as absent ([null, null]).
+    """
+    index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
+    index |= {name: list(library_class) for name, library_class in sorted(components.items())}
+    index |= {name: [None, None] for name in ("feature_extractor", "image_encoder", "safety_checker")}
+    index["requires_safety_checker"] = False
+    path = Path(folder) / MODEL_INDEX
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_scheduler_config(folder: str | Path, noise_schedule: NoiseScheduleConfig) -> Path:
+    """Write `scheduler/scheduler_config.json` (diffusers' DDIMScheduler reads it; so do we)."""
+    path = Path(folder) / SCHEDULER_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {**noise_schedule.to_scheduler_config(), "_diffusers_version": diffusers.__version__}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_scheduler_config(folder: str | Path) -> NoiseScheduleConfig:
+    """The noise process recorded in `scheduler/scheduler_config.json`."""
+    path = Path(folder) / SCHEDULER_CONFIG
+    return NoiseScheduleConfig.from_scheduler_config(_read_json(path), source=str(path))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
