@@ -12,6 +12,7 @@ guidance scale and seed, draws the same images.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from conditioning import TextEncoder
+from conditioning.config import CLIP_MAX_LENGTH
 from conditioning.tokenizer import validate_prompts
 from ldm.diffusion import classifier_free_guidance, sample_ddim, sample_ddpm, spaced_timesteps
 from ldm.images import to_numpy, to_pil
@@ -189,7 +191,7 @@ class LatentDiffusionPipeline:
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
         text_settings = {} if torch_dtype is None else {"dtype": _DTYPE_NAMES[torch_dtype]}
-        text_encoder = TextEncoder.from_pretrained(folder, **text_settings)
+        text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder), **text_settings)
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
         return pipe.to(device) if device is not None else pipe
 
@@ -343,3 +345,9 @@ class LatentDiffusionPipeline:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def text_positions(folder: Path) -> int:
+    """The prompt length the folder's text encoder was built for: its position embeddings, at most CLIP's 77."""
+    config = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    return min(int(config.get("max_position_embeddings", CLIP_MAX_LENGTH)), CLIP_MAX_LENGTH)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -131,8 +132,11 @@ def train_diffusion(
         if step % tc.log_every == 0:
             accelerator.log({"train/loss": mean_loss, "train/lr": opt.param_groups[0]["lr"]}, step=step)
         if step % tc.sample_every == 0 and accelerator.is_main_process:
-            pipeline = make_pipeline(vae, text_encoder, accelerator.unwrap_model(unet), cfg)
-            write_validation_grid(pipeline, ema, cfg, out / "samples" / f"step_{step:07d}.png")
+            raw = accelerator.unwrap_model(unet)
+            write_validation_grid(
+                make_pipeline(vae, text_encoder, raw, cfg), ema, cfg, out / "samples" / f"step_{step:07d}.png"
+            )
+            raw.train().requires_grad_(True)  # the pipeline put the U-Net in inference mode
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save_checkpoint(accelerator, out, step, extra=_ema_saver(ema, accelerator))
     progress.close()
@@ -276,15 +280,9 @@ def write_validation_grid(
 ) -> None:
     """A PNG grid, one row per validation prompt, sampled with the EMA weights and a fixed seed."""
     vc = cfg.validation
-    was_training = pipeline.unet.training
-    pipeline.unet.eval()
     generator = torch.Generator(pipeline.device).manual_seed(vc.seed)
-    if ema is not None:
-        with ema.averaged(pipeline.unet):
-            images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
-    else:
+    with ema.averaged(pipeline.unet) if ema is not None else contextlib.nullcontext():
         images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
-    pipeline.unet.train(was_training)
     save_image_grid(images, path, rows=len(vc.prompts))
 
 

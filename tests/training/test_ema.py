@@ -30,7 +30,7 @@ def test_ema_update_matches_closed_form():
 def test_ema_warmup_decay_ramps_up_to_the_configured_value():
     ema = EMA(_model(0.0), decay=0.999, warmup=True)
     decays = []
-    for _ in range(5000):
+    for _ in range(10000):
         decays.append(ema.current_decay())
         ema.num_updates += 1
     assert decays[0] == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update mostly copies the weights
