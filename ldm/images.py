@@ -77,7 +77,8 @@ def save_image_grid(
 
 
 def evenly_spaced(length: int, count: int) -> list[int]:
-    """`count` indices spread evenly over range(length), always including the first and the last."""
+    """min(count, length) indices spread evenly over range(length); the first and last are always in (count >= 2)."""
     if length < 1 or count < 1:
         raise ValueError(f"evenly_spaced: length and count must be >= 1, got {length}, {count}")
-    return sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(min(count, length))})
+    count = min(count, length)
+    return sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(count)})

@@ -42,7 +42,6 @@ __all__ = ["LatentDiffusionPipeline", "PipelineOutput", "SamplingDefaults", "Sam
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,10 @@ class LatentDiffusionPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LatentDiffusionPipeline:
         """Move (and optionally cast) every network; returns self."""
+        # Only what is given: diffusers warns about casts whenever `dtype` is passed, even as None.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.unet, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         return self
 
     # ---- the folder ----------------------------------------------------------------------------------
@@ -183,15 +184,12 @@ class LatentDiffusionPipeline:
         config's scaling_factor.
         """
         folder = check_model_folder(folder)
-        if torch_dtype is not None and torch_dtype not in _DTYPE_NAMES:
-            raise ValueError(f"torch_dtype: must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {torch_dtype}")
         dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
-        text_settings = {} if torch_dtype is None else {"dtype": _DTYPE_NAMES[torch_dtype]}
-        text_encoder = TextEncoder.from_pretrained(folder, **text_settings)
+        text_encoder = TextEncoder.from_pretrained(folder)
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
-        return pipe.to(device) if device is not None else pipe
+        return pipe.to(device, torch_dtype)
 
     # ---- sampling ------------------------------------------------------------------------------------
 
