@@ -7,12 +7,15 @@ One call: encode the prompts once, draw x_T ~ N(0, I) exactly as diffusers does,
 with `ldm.diffusion.sample_ddim` / `sample_ddpm` on the guided U-Net, then decode z_0 / scaling_factor
 with the VAE. The folder is a Stable Diffusion pipeline folder (see `ldm.model_folder`), so
 `diffusers.StableDiffusionPipeline.from_pretrained` loads it too and, with the same scheduler, steps,
-guidance scale and seed, draws the same images.
+guidance scale and seed, draws the same images (float32 CPU: to ~1e-6 of the latents' scale). Two
+deliberate differences from diffusers: guidance 0 <= w < 1 is applied as written (w = 0 samples the
+unconditional model) where diffusers switches guidance off for w <= 1; and with `trailing` or `linspace`
+timestep spacing each DDIM step goes to the previous timestep of the subset (DESIGN.md), where diffusers'
+DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws identical images.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,8 +41,6 @@ from ldm.model_folder import (
 from ldm.noise_schedule import NoiseScheduleConfig
 
 __all__ = ["LatentDiffusionPipeline", "PipelineOutput", "SamplingDefaults", "SamplingSettings"]
-
-logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 

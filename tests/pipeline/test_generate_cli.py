@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,9 +29,12 @@ def test_generate_writes_images_grid_and_trajectory_strips(model_folder, tmp_pat
     ]
     assert all(p.parent == out and p.is_file() for p in printed)
     assert Image.open(out / "000-a-red-circle.png").size == (16, 16)
-    assert Image.open(out / "grid.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # one row per prompt
+    # Grid and strips show the 16 px images as 64 px tiles (x4 pixel repetition).
+    assert Image.open(out / "grid.png").size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)  # one row per prompt
     # 6 frames (x_T .. x_0 of 5 steps), and two rows (x_t, predicted x_0) per image of the prompt.
-    assert Image.open(out / "trajectory-00-a-red-circle.png").size == (6 * 16 + 7 * 2, 4 * 16 + 5 * 2)
+    assert Image.open(out / "trajectory-00-a-red-circle.png").size == (6 * 64 + 7 * 2, 4 * 64 + 5 * 2)
+    tile = np.asarray(Image.open(out / "grid.png"))[2 : 2 + 64, 2 : 2 + 64]
+    np.testing.assert_array_equal(tile[::4, ::4], np.asarray(Image.open(out / "000-a-red-circle.png")))
     # The same seed writes the same pixels; another seed does not.
     first = (out / "000-a-red-circle.png").read_bytes()
     assert main([*args[:-1], "--out", str(tmp_path / "again")]) == 0

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from ldm.images import evenly_spaced, image_grid, save_image_grid, to_numpy, to_pil
 
@@ -33,8 +34,8 @@ def test_image_grid_layout(tmp_path):
     pixels = np.asarray(grid)
     assert pixels[1, 1].tolist() == [0, 0, 0]  # first tile (value -1) at the top left
     assert pixels[1 + 4 + 1, 1 + 6 + 1].tolist() == [255, 255, 255]  # tile 4 (value 1): second row, second column
-    path = save_image_grid(tiles, tmp_path / "sub" / "grid.png", rows=1)
-    assert path.is_file()
+    path = save_image_grid(tiles, tmp_path / "sub" / "grid.png", rows=1, padding=0, scale=3)
+    assert Image.open(path).size == (5 * 6 * 3, 4 * 3)
     with pytest.raises(ValueError, match="images: is empty"):
         image_grid([])
 
