@@ -41,14 +41,20 @@ def image_grid(
     rows: int | None = None,
     padding: int = 2,
     background: tuple[int, int, int] = (255, 255, 255),
+    scale: int = 1,
 ) -> Image.Image:
     """Tile images row by row into `rows` rows (default: as square as possible), `padding` pixels apart.
 
-    `images` is a list of equally sized PIL images, or a (B, C, H, W) tensor in [-1, 1].
+    `images` is a list of equally sized PIL images, or a (B, C, H, W) tensor in [-1, 1]. `scale` enlarges
+    each tile by pixel repetition (nearest neighbour), so small samples stay sharp and exact when viewed.
     """
     tiles = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
     if not tiles:
         raise ValueError("images: is empty; a grid needs at least one image")
+    if scale < 1:
+        raise ValueError(f"scale: must be >= 1, got {scale}")
+    if scale > 1:
+        tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST) for tile in tiles]
     if rows is None:
         rows = max(1, math.isqrt(len(tiles)))
     if rows < 1:
@@ -67,17 +73,22 @@ def image_grid(
 
 
 def save_image_grid(
-    images: Sequence[Image.Image] | torch.Tensor, path: str | Path, rows: int | None = None, padding: int = 2
+    images: Sequence[Image.Image] | torch.Tensor,
+    path: str | Path,
+    rows: int | None = None,
+    padding: int = 2,
+    scale: int = 1,
 ) -> Path:
-    """`image_grid(images, rows, padding)` written as a PNG at `path` (parent folders created)."""
+    """`image_grid(images, rows, padding, scale=scale)` written as a PNG at `path` (parent folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows, padding).save(path)
+    image_grid(images, rows, padding, scale=scale).save(path)
     return path
 
 
 def evenly_spaced(length: int, count: int) -> list[int]:
-    """`count` indices spread evenly over range(length), always including the first and the last."""
+    """min(count, length) indices spread evenly over range(length); the first and last are always in (count >= 2)."""
     if length < 1 or count < 1:
         raise ValueError(f"evenly_spaced: length and count must be >= 1, got {length}, {count}")
-    return sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(min(count, length))})
+    count = min(count, length)
+    return sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(count)})

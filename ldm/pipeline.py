@@ -7,13 +7,16 @@ One call: encode the prompts once, draw x_T ~ N(0, I) exactly as diffusers does,
 with `ldm.diffusion.sample_ddim` / `sample_ddpm` on the guided U-Net, then decode z_0 / scaling_factor
 with the VAE. The folder is a Stable Diffusion pipeline folder (see `ldm.model_folder`), so
 `diffusers.StableDiffusionPipeline.from_pretrained` loads it too and, with the same scheduler, steps,
-guidance scale and seed, draws the same images.
+guidance scale and seed, draws the same images (float32 CPU: to ~1e-6 of the latents' scale). Two
+deliberate differences from diffusers: guidance 0 <= w < 1 is applied as written (w = 0 samples the
+unconditional model) where diffusers switches guidance off for w <= 1; and with `trailing` or `linspace`
+timestep spacing each DDIM step goes to the previous timestep of the subset (DESIGN.md), where diffusers'
+DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws identical images.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,10 +44,7 @@ from ldm.noise_schedule import NoiseScheduleConfig
 
 __all__ = ["LatentDiffusionPipeline", "PipelineOutput", "SamplingDefaults", "SamplingSettings"]
 
-logger = logging.getLogger(__name__)
-
 OUTPUT_TYPES = ("pil", "np", "latent")
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,10 @@ class LatentDiffusionPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LatentDiffusionPipeline:
         """Move (and optionally cast) every network; returns self."""
+        # Only what is given: diffusers warns about casts whenever `dtype` is passed, even as None.
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.unet, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         return self
 
     # ---- the folder ----------------------------------------------------------------------------------
@@ -185,15 +187,12 @@ class LatentDiffusionPipeline:
         config's scaling_factor.
         """
         folder = check_model_folder(folder)
-        if torch_dtype is not None and torch_dtype not in _DTYPE_NAMES:
-            raise ValueError(f"torch_dtype: must be one of {', '.join(map(str, _DTYPE_NAMES))}, got {torch_dtype}")
         dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
-        text_settings = {} if torch_dtype is None else {"dtype": _DTYPE_NAMES[torch_dtype]}
-        text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder), **text_settings)
+        text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
-        return pipe.to(device) if device is not None else pipe
+        return pipe.to(device, torch_dtype)
 
     # ---- sampling ------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is
 
 DEFAULT_OUT = "outputs/generate"
 STRIP_COLUMNS = 10  # denoising-strip frames, x_T .. x_0 evenly spaced
+MIN_TILE = 64  # grid and strip tiles smaller than this are enlarged by whole-pixel repetition
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.commands import CommandError
     from ldm.pipeline import LatentDiffusionPipeline
 
+    if args.num_images < 1:
+        raise CommandError(f"--num-images: must be >= 1, got {args.num_images}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:  # a bad folder or option is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device)
@@ -57,8 +60,6 @@ def _run(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, ValueError) as err:
         raise CommandError(str(err)) from err
-    if args.num_images < 1:
-        raise CommandError(f"--num-images: must be >= 1, got {args.num_images}")
     paths = generate_images(
         pipe, args.prompts, Path(args.out), args.seed, settings, args.num_images, args.negative_prompt, args.trajectory
     )
@@ -100,8 +101,9 @@ def generate_images(
     for i, image in enumerate(images):
         paths.append(out / f"{i:03d}-{slug(prompts[i // num_images_per_prompt])}.png")
         image.save(paths[-1])
+    scale = max(1, MIN_TILE // min(images[0].size))
     paths.append(out / "grid.png")
-    image_grid(images, rows=len(prompts)).save(paths[-1])
+    image_grid(images, rows=len(prompts), scale=scale).save(paths[-1])
     if trajectory:
         frames = evenly_spaced(result.trajectory.shape[0], STRIP_COLUMNS)
         for p, prompt in enumerate(prompts):
@@ -112,7 +114,7 @@ def generate_images(
                 for t in denoising_strip(pipe, result.trajectory, result.trajectory_x0, frames, b)
             ]
             paths.append(out / f"trajectory-{p:02d}-{slug(prompt)}.png")
-            image_grid(tiles, rows=2 * num_images_per_prompt).save(paths[-1])
+            image_grid(tiles, rows=2 * num_images_per_prompt, scale=scale).save(paths[-1])
     return paths
 
 
