@@ -67,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
     pipeline = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
     generator = torch.Generator().manual_seed(args.seed)
     images = pipeline(list(QUICKSTART_PROMPTS), num_images_per_prompt=4, generator=generator).images
-    grid = save_image_grid(images, out / "samples" / "quickstart.png", rows=len(QUICKSTART_PROMPTS))
+    grid_path = out / "samples" / "quickstart.png"
+    grid = save_image_grid(images, grid_path, rows=len(QUICKSTART_PROMPTS), scale=max(1, 64 // images[0].size[0]))
     (out / "samples" / "quickstart_prompts.txt").write_text("\n".join(QUICKSTART_PROMPTS) + "\n", encoding="utf-8")
     timings["total"] = time.perf_counter() - start
 

@@ -283,7 +283,7 @@ def write_validation_grid(
     generator = torch.Generator(pipeline.device).manual_seed(vc.seed)
     with ema.averaged(pipeline.unet) if ema is not None else contextlib.nullcontext():
         images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
-    save_image_grid(images, path, rows=len(vc.prompts))
+    save_image_grid(images, path, rows=len(vc.prompts), scale=max(1, 64 // images[0].size[0]))  # small tiles enlarged
 
 
 def _ema_saver(ema: EMA | None, accelerator: Accelerator) -> Any:
