@@ -74,7 +74,7 @@ def train_autoencoder(
     accelerator.init_trackers("autoencoder")
     preview = next(iter(eval_loader))
     preview = batch_images(preview)[:8].to(accelerator.device)
-    batches = _forever(train_loader)
+    batches = forever(train_loader)
     progress = tqdm(total=tc.steps, initial=step, desc="autoencoder", disable=not accelerator.is_main_process)
     start = time.perf_counter()
 
@@ -185,7 +185,7 @@ def finish(
     return {"step": step, **metrics, "scaling_factor": scale}
 
 
-def _forever(loader: Iterable) -> Iterator[Any]:
+def forever(loader: Iterable) -> Iterator[Any]:
     """Cycle through `loader` epoch after epoch (a new shuffle each pass)."""
     while True:
         yield from loader

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from autoencoder.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from autoencoder.trainer import forever
 from conditioning import TextEncoder
 from ldm.config import save_config
 from ldm.data import build_dataset
@@ -103,7 +103,7 @@ def train_diffusion(
         if ema is not None:
             ema.load(checkpoint / EMA_FILE)
     accelerator.init_trackers("diffusion")
-    batches = _forever(loader)
+    batches = forever(loader)
     progress = tqdm(total=tc.steps, initial=step, desc="diffusion", disable=not accelerator.is_main_process)
     recent: list[float] = []
     start = time.perf_counter()
@@ -292,9 +292,3 @@ def _ema_saver(ema: EMA | None, accelerator: Accelerator) -> Any:
             ema.save(path / EMA_FILE)
 
     return save
-
-
-def _forever(loader: Iterable) -> Iterator[Any]:
-    """Cycle through `loader` epoch after epoch (a new shuffle each pass)."""
-    while True:
-        yield from loader
