@@ -84,7 +84,7 @@ class TrainConfig:
     """The optimization run: steps, batch, optimizers, precision and how often to log, sample and save."""
 
     seed: int = 0
-    steps: int = 2800  # optimizer steps (each one is grad_accum micro-batches)
+    steps: int = 2500  # optimizer steps (each one is grad_accum micro-batches)
     batch_size: int = 16  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 2e-3
