@@ -1,7 +1,9 @@
 """Where a stage-2 batch comes from: the latent + text caches, or the frozen encoders run on every step.
 
 Both sources turn a loader batch into the same pair: latents z * scaling_factor (B, C, h, w), drawn
-fresh from q(z | x), and the text context (B, L, D) of the captions after caption dropout.
+fresh from q(z | x), and the U-Net's conditioning for the captions after caption dropout: the text
+context `encoder_hidden_states` (B, L, D) from a frozen encoder, or the `captions` themselves when the
+encoder trains with the U-Net (it then runs inside the model's forward pass; see `Denoiser`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class LatentBatches:
-    """Turns loader batches into (latents, context) for the U-Net, from caches or by encoding live."""
+    """Turns loader batches into (latents, conditioning) for the U-Net, from caches or by encoding live."""
 
     def __init__(
         self,
@@ -48,17 +50,18 @@ class LatentBatches:
         self.scaling_factor = float(vae.config.scaling_factor)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Latents scaling_factor * z, z ~ q(z | x), (B, C, h, w), and the text context (B, L, D)."""
+    def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """Latents scaling_factor * z, z ~ q(z | x), (B, C, h, w), and the U-Net's conditioning keywords."""
         if "moments" in batch:
             moments = batch["moments"]
         else:
             moments = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist.parameters
         latents = DiagonalGaussian(moments.float()).sample() * self.scaling_factor
         captions = drop_captions(batch["captions"], self.p_uncond)
+        if not self.text_encoder.frozen:
+            return latents, {"captions": captions}  # encoded with gradients inside the Denoiser
         encoder = self.text_cache if self.text_cache is not None else self.text_encoder
-        context = encoder.encode(captions).to(latents.device, torch.float32)
-        return latents, context
+        return latents, {"encoder_hidden_states": encoder.encode(captions).to(latents.device, torch.float32)}
 
 
 def build_train_dataset(
@@ -72,9 +75,9 @@ def build_train_dataset(
 ) -> tuple[Dataset | IterableDataset, TextEmbeddingCache | None, float]:
     """The dataset the loader reads, the text cache (or None), and the seconds spent building the caches.
 
-    With `cache_dir` the VAE moments and the caption embeddings are computed once (by the main process,
-    the others wait and read the files); without it the raw dataset is returned and both encoders run on
-    every step. Only a fixed map-style dataset with deterministic preprocessing can be cached.
+    With `cache_dir` the VAE moments and (for a frozen text encoder) the caption embeddings are computed
+    once (by the main process, the others wait and read the files); without it the raw dataset is returned
+    and both encoders run on every step. Only a fixed map-style dataset with deterministic preprocessing can be cached.
     """
     if cache_dir is None:
         return dataset, None, 0.0
@@ -86,6 +89,8 @@ def build_train_dataset(
 
     with main_process_first():
         latents = LatentCache.load_or_build(cache_dir / "latents.safetensors", encode_moments, dataset, fingerprint)
+        if not text_encoder.frozen:  # its embeddings change every step
+            return latents, None, time.perf_counter() - start
         captions = TextEmbeddingCache.load_or_build(cache_dir / "captions.safetensors", text_encoder, latents.captions)
     return latents, captions.to(device), time.perf_counter() - start
 

@@ -27,6 +27,7 @@ from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline, SamplingDefaults
 from ldm.training.batches import LatentBatches, build_train_dataset, make_loader
 from ldm.training.config import DiffusionExperimentConfig, DiffusionTrainConfig
+from ldm.training.denoiser import Denoiser
 from ldm.training.ema import EMA
 from ldm.unet import build_unet
 
@@ -63,8 +64,6 @@ def train_diffusion(
 
     vae = load_vae(cfg.autoencoder).to(device).eval().requires_grad_(False)
     text_encoder = TextEncoder.from_config(cfg.text_encoder).to(device)
-    if not text_encoder.frozen:
-        raise ValueError("text_encoder.frozen: training the text encoder is not supported by this trainer yet")
     diffusion = cfg.noise.build()
     unet = build_unet(
         cfg.unet,
@@ -75,6 +74,9 @@ def train_diffusion(
     )
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if tc.compile:
+        unet.compile()  # in place: the state dict keeps its names, so checkpoints and exports are unchanged
+    denoiser = Denoiser(unet, None if text_encoder.frozen else text_encoder)
 
     dataset = build_dataset(cfg.data, "train")
     cache_dir = Path(tc.cache_dir) if tc.cache_dir else out / "cache"
@@ -86,15 +88,14 @@ def train_diffusion(
     loader = make_loader(dataset, tc.batch_size, tc.num_workers, tc.seed)
 
     opt = torch.optim.AdamW(
-        unet.parameters(),
+        [p for p in denoiser.parameters() if p.requires_grad],
         lr=tc.lr,
         betas=tc.adam_betas,
         weight_decay=tc.weight_decay,
         fused=device.type == "cuda",  # one kernel for all parameters; CPU has no fused AdamW
     )
-    unet, opt, loader = accelerator.prepare(unet, opt, loader)
-    ema = EMA(accelerator.unwrap_model(unet), tc.ema_decay).to(device) if tc.ema_decay > 0 else None
-    model_fn = unet_callable(torch.compile(unet) if tc.compile else unet)
+    model, opt, loader = accelerator.prepare(denoiser, opt, loader)
+    ema = EMA(denoiser, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
 
     step = 0
     if resume:
@@ -112,19 +113,19 @@ def train_diffusion(
     while step < tc.steps:
         set_learning_rate(opt, learning_rate(step, tc))
         batch = next(batches)
-        with accelerator.accumulate(unet), accelerator.autocast():
-            latents, context = to_latents(batch)
-            loss = diffusion_loss(diffusion, model_fn, latents, context, cfg)
+        with accelerator.accumulate(model), accelerator.autocast():
+            latents, conditioning = to_latents(batch)
+            loss = diffusion_loss(diffusion, model, latents, conditioning, cfg)
             accelerator.backward(loss)
             if accelerator.sync_gradients and tc.grad_clip is not None:
-                accelerator.clip_grad_norm_(unet.parameters(), tc.grad_clip)
+                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue  # a micro-batch of gradient accumulation; the optimizer has not stepped
         step += 1
         if ema is not None:
-            ema.update(accelerator.unwrap_model(unet))
+            ema.update(denoiser)
         mean_loss = accelerator.reduce(loss.detach(), "mean").item()  # averaged over ranks
         recent = [*recent, mean_loss][-100:]
         progress.update(1)
@@ -132,11 +133,9 @@ def train_diffusion(
         if step % tc.log_every == 0:
             accelerator.log({"train/loss": mean_loss, "train/lr": opt.param_groups[0]["lr"]}, step=step)
         if step % tc.sample_every == 0 and accelerator.is_main_process:
-            raw = accelerator.unwrap_model(unet)
-            write_validation_grid(
-                make_pipeline(vae, text_encoder, raw, cfg), ema, cfg, out / "samples" / f"step_{step:07d}.png"
-            )
-            raw.train().requires_grad_(True)  # the pipeline put the U-Net in inference mode
+            pipeline = make_pipeline(vae, text_encoder, unet, cfg)
+            write_validation_grid(pipeline, ema, denoiser, cfg, out / "samples" / f"step_{step:07d}.png")
+            denoiser.train().unet.requires_grad_(True)  # the pipeline put the U-Net in inference mode
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save_checkpoint(accelerator, out, step, extra=_ema_saver(ema, accelerator))
     progress.close()
@@ -145,12 +144,13 @@ def train_diffusion(
     accelerator.wait_for_everyone()
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        pipeline = make_pipeline(vae, text_encoder, accelerator.unwrap_model(unet), cfg)
+        pipeline = make_pipeline(vae, text_encoder, unet, cfg)
         if ema is not None:
-            ema.copy_to(pipeline.unet)  # the exported model carries the averaged weights
+            ema.copy_to(denoiser)  # the exported model carries the averaged weights
+        text_encoder.set_frozen(True)  # trained or not, the exported encoder is for inference
         pipeline_dir = Path(pipeline_dir) if pipeline_dir is not None else out / "pipeline"
         pipeline.save_pretrained(pipeline_dir)
-        write_validation_grid(pipeline, None, cfg, out / "samples" / "final.png")
+        write_validation_grid(pipeline, None, denoiser, cfg, out / "samples" / "final.png")
         images = (step - first_step) * tc.batch_size * tc.grad_accum * accelerator.num_processes
         metrics = {
             "step": step,
@@ -172,33 +172,24 @@ def train_diffusion(
 
 def diffusion_loss(
     diffusion: GaussianDiffusion,
-    model_fn: Any,
+    model: Any,
     latents: torch.Tensor,
-    context: torch.Tensor,
+    conditioning: dict[str, Any],
     cfg: DiffusionExperimentConfig,
 ) -> torch.Tensor:
     """The batch mean of the configured objective at uniform t ~ U{0, T-1} with fresh noise."""
     t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
     losses = training_losses(
         diffusion,
-        model_fn,
+        model,
         latents,
         t,
         torch.randn_like(latents),
-        {"encoder_hidden_states": context},
+        conditioning,
         min_snr_gamma=cfg.loss.min_snr_gamma,
         vlb_weight=cfg.loss.vlb_weight,
     )
     return losses["loss"].mean()
-
-
-def unet_callable(unet: Any) -> Any:
-    """The U-Net as the `model(x_t, t, **kwargs) -> output` callable that `ldm.diffusion` expects."""
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
-
-    return model_fn
 
 
 def load_vae(path: str) -> AutoencoderKL:
@@ -276,12 +267,13 @@ def make_pipeline(
 
 @torch.no_grad()
 def write_validation_grid(
-    pipeline: LatentDiffusionPipeline, ema: EMA | None, cfg: DiffusionExperimentConfig, path: Path
+    pipeline: LatentDiffusionPipeline, ema: EMA | None, denoiser: Denoiser, cfg: DiffusionExperimentConfig, path: Path
 ) -> None:
-    """A PNG grid, one row per validation prompt, sampled with the EMA weights and a fixed seed."""
+    """A PNG grid, one row per validation prompt, sampled with the EMA weights (of the pipeline's U-Net and
+    trained text encoder, which `denoiser` holds) and a fixed seed."""
     vc = cfg.validation
     generator = torch.Generator(pipeline.device).manual_seed(vc.seed)
-    with ema.averaged(pipeline.unet) if ema is not None else contextlib.nullcontext():
+    with ema.averaged(denoiser) if ema is not None else contextlib.nullcontext():
         images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
     save_image_grid(images, path, rows=len(vc.prompts), scale=max(1, 64 // images[0].size[0]))  # small tiles enlarged
 
