@@ -38,6 +38,9 @@ class TextEncoderConfig:
     max_length: int = CLIP_MAX_LENGTH  # tokens per prompt, BOS and EOS included
     clip_skip: int = 0  # 0 = last layer (SD 1.x); 1 = penultimate layer + final layer norm (diffusers)
     frozen: bool = True  # eval mode, no gradients; False trains the encoder with the U-Net
+    # With frozen=False: also train the 49,408-row token table. False keeps its (random or pretrained) rows as
+    # fixed token codes and trains the layers above them; a prompt uses ~20 rows, yet AdamW would update all.
+    train_token_embedding: bool = True
     p_uncond: float = 0.1  # training-time probability of replacing a caption by "" (for CFG)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 

@@ -121,9 +121,14 @@ class TextEncoder(nn.Module):
         return self.config.frozen
 
     def set_frozen(self, frozen: bool) -> None:
-        """Freeze (eval mode, requires_grad False) or unfreeze (train mode, requires_grad True) the encoder."""
+        """Freeze (eval mode, requires_grad False) or unfreeze (train mode, requires_grad True) the encoder.
+
+        Unfrozen, the token-embedding table still stays fixed when `config.train_token_embedding` is False.
+        """
         self.config = dataclasses.replace(self.config, frozen=frozen)
         self.model.requires_grad_(not frozen)
+        if not frozen and not self.config.train_token_embedding:
+            self.model.get_input_embeddings().requires_grad_(False)
         self.train(not frozen)
         self._uncond = None
 

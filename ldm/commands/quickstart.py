@@ -13,15 +13,16 @@ from pathlib import Path
 
 DEFAULT_OUTPUT_DIR = "runs/quickstart"
 
+# "large" so that the shape is readable at 32 px (small shapes are 5 px across).
 QUICKSTART_PROMPTS = (
-    "a red circle on a white background",
-    "a blue square on a yellow background",
-    "a green triangle on a black background",
-    "a yellow circle on a blue background",
-    "a white triangle on a red background",
-    "an orange square on a green background",
-    "a purple circle on an orange background",
-    "a black square on a white background",
+    "a large red circle on a white background",
+    "a large blue square on a yellow background",
+    "a large green triangle on a black background",
+    "a large yellow circle on a blue background",
+    "a large white triangle on a red background",
+    "a large orange square on a green background",
+    "a large purple circle on an orange background",
+    "a large black square on a white background",
 )
 
 

@@ -69,6 +69,15 @@ def test_unfrozen_encoder_trains():
     assert not encoder.training and all(not p.requires_grad for p in encoder.parameters())
 
 
+def test_an_unfrozen_encoder_can_keep_its_token_table_fixed():
+    config = TextEncoderConfig(frozen=False, train_token_embedding=False, num_layers=1, hidden_size=32, num_heads=2)
+    encoder = TextEncoder.from_config(config)
+    encoder.encode(PROMPTS).square().mean().backward()
+    assert encoder.model.embeddings.token_embedding.weight.grad is None
+    assert encoder.model.embeddings.position_embedding.weight.grad.abs().sum() > 0
+    assert encoder.model.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
 def test_save_and_reload_gives_identical_embeddings(small_encoder, tmp_path):
     small_encoder.save_pretrained(tmp_path)
     assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
