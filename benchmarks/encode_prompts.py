@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 import transformers
 
 from conditioning import TextEmbeddingCache, TextEncoder, TextEncoderConfig
+from ldm.evaluation.machine import describe_machine
 
 SUBJECTS = ["a cat", "two dogs", "an old man", "a red bicycle", "a lighthouse", "a bowl of ramen", "a fox", "a robot"]
 SCENES = ["on a beach at sunset", "in a snowy forest", "on a busy street, rainy night", "in a sunlit kitchen"]
@@ -47,16 +47,6 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     """Build the default encoder and its cache, time both, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,8 +68,8 @@ def main() -> None:
         cached_ms = median_ms(lambda: cache.encode(batch), args.repeats * 10)
 
     params = sum(p.numel() for p in encoder.parameters())
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}")
+    print(f"machine: {describe_machine()}")
+    print(f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}")
     print(
         f"encoder: CLIPTextModel hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads} heads, "
         f"{params / 1e6:.1f} M parameters; {args.batch} prompts x {config.max_length} tokens\n"

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules under ldm.commands, in the order `ldm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train_autoencoder", "train_diffusion", "generate", "toy")
+COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train_autoencoder", "train_diffusion", "generate", "evaluate", "toy")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,119 @@
+"""Turn the evaluation's numbers into report.md and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ldm.evaluation.fidelity import JUDGED
+
+
+def fidelity_table(rows: list[dict[str, Any]], first_column: str) -> str:
+    """A Markdown table: one row per setting, per-attribute accuracy in percent and seconds per image."""
+    header = f"| {first_column} | " + " | ".join(JUDGED) + " | colour+shape+bg | s / image |"
+    lines = [header, "|" + " --- |" * (len(JUDGED) + 3)]
+    for row in rows:
+        acc = row["accuracy"]
+        cells = [f"{100 * acc[k]:.1f}%" for k in (*JUDGED, "all")]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {acc['seconds_per_image']:.3f} |")
+    return "\n".join(lines)
+
+
+def accuracy_line(accuracy: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items())
+
+
+def write_report(metrics: dict[str, Any], path: Path) -> None:
+    """report.md: every table of metrics.json, with the settings that made it."""
+    ae = metrics["autoencoder"]
+    probe = metrics["probe"]
+    lines = [
+        f"# Evaluation of `{metrics['model']}`",
+        "",
+        f"Machine: {metrics['machine']}",
+        "",
+        "## Autoencoder (held-out shapes)",
+        "",
+        "| PSNR | SSIM | LPIPS | KL (nats/img) | latent mean | latent std | rFID |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| {psnr:.2f} dB | {ssim:.4f} | {lpips} | {kl:.1f} | {mean:.3f} | {std:.3f} | {rfid} |".format(
+            psnr=ae["psnr"],
+            ssim=ae["ssim"],
+            lpips=_maybe(ae.get("lpips")),
+            kl=ae["kl"],
+            mean=ae["latent_mean"],
+            std=ae["latent_std"],
+            rfid=_maybe(ae.get("rfid")),
+        ),
+        "",
+        f"{ae['num_images']} held-out images. {_unavailable(ae)}",
+        "",
+        "## Prompt fidelity",
+        "",
+        f"{metrics['fidelity']['num_prompts']} captions of held-out shapes scenes, one image each, judged by an "
+        f"attribute probe trained on rendered shapes only. The probe reads real held-out renderings with: "
+        f"{accuracy_line(probe['heldout_accuracy'])}. Chance: {accuracy_line(metrics['fidelity']['chance'])}.",
+        "",
+        "### Guidance scale",
+        "",
+        fidelity_table(metrics["fidelity"]["guidance_sweep"], "setting"),
+        "",
+        "### Sampler and steps",
+        "",
+        fidelity_table(metrics["fidelity"]["step_sweep"], "setting"),
+        "",
+        "## Variational bound on held-out latents",
+        "",
+        "{bpd:.4f} bits per latent dimension (prior term {prior:.2e}) over {n} latents, conditioned on their "
+        "captions, T = {t} timesteps, continuous Gaussian decoder.".format(
+            bpd=metrics["bound"]["bits_per_dim"],
+            prior=metrics["bound"]["prior_bits_per_dim"],
+            n=metrics["bound"]["num_latents"],
+            t=metrics["bound"]["timesteps"],
+        ),
+        "",
+        "## With pretrained models",
+        "",
+        f"- CLIP score: {_maybe(metrics['pretrained'].get('clip_score'))}",
+        f"- FID: {_maybe(metrics['pretrained'].get('fid'))}",
+        f"{_unavailable(metrics['pretrained'])}",
+        "",
+        "![fidelity vs guidance](fidelity_vs_guidance.png) ![fidelity vs steps](fidelity_vs_steps.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _maybe(value: float | None) -> str:
+    return "unavailable" if value is None else f"{value:.4f}"
+
+
+def _unavailable(section: dict[str, Any]) -> str:
+    reasons = section.get("unavailable", {})
+    return " ".join(f"{name} unavailable: {why}." for name, why in reasons.items())
+
+
+def plot_sweep(
+    rows: list[dict[str, Any]], x_values: list[float], x_label: str, path: Path, log_x: bool = False
+) -> None:
+    """Accuracy per attribute (and all three at once) against the swept setting, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for key in (*JUDGED, "all"):
+        ys = [100 * row["accuracy"][key] for row in rows]
+        ax.plot(x_values, ys, marker="o", label="colour+shape+bg" if key == "all" else key)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xticks(x_values, [row["tick"] for row in rows])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

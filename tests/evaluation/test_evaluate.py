@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from ldm.evaluation import EvaluationConfig, FidelityPrompts, ProbeConfig, evaluate_model, train_probe
+from ldm.evaluation.fidelity import JUDGED, SamplingSettings, prompt_fidelity
+from ldm.evaluation.probe import ATTRIBUTES, AttributeProbe, load_or_train_probe
+from tests.pipeline.tiny_models import tiny_pipeline
+
+TINY_PROBE = ProbeConfig(resolution=16, train_samples=256, heldout_samples=64, steps=20, batch_size=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.training
+def test_the_probe_learns_to_read_rendered_shapes():
+    _, accuracy = train_probe(ProbeConfig(resolution=16, train_samples=2000, heldout_samples=300, steps=300))
+    assert set(accuracy) == set(ATTRIBUTES)
+    assert accuracy["color"] > 0.8 and accuracy["background"] > 0.8  # chance is 1/8
+    assert accuracy["shape"] > 0.5  # chance is 1/3; 16 px shapes are 2..5 px across
+
+
+def test_a_saved_probe_is_reused_only_for_the_same_settings(tmp_path):
+    probe, accuracy = load_or_train_probe(TINY_PROBE, tmp_path)
+    again, same = load_or_train_probe(TINY_PROBE, tmp_path)
+    assert same == accuracy
+    assert all(torch.equal(a, b) for a, b in zip(probe.state_dict().values(), again.state_dict().values(), strict=True))
+    (tmp_path / "probe.safetensors").unlink()  # a different config retrains rather than reading stale weights
+    load_or_train_probe(ProbeConfig(**{**TINY_PROBE.__dict__, "seed": 1}), tmp_path)
+    assert (tmp_path / "probe.safetensors").is_file()
+
+
+def test_fidelity_scores_match_the_probes_reading():
+    class Fixed(AttributeProbe):  # always says: a small red circle at the center on blue
+        def predict(self, images):
+            n = images.shape[0]
+            said = {"shape": "circle", "color": "red", "background": "blue", "size": "small", "position": "center"}
+            return {k: [v] * n for k, v in said.items()}
+
+    prompts = FidelityPrompts(
+        captions=["a", "b"],
+        attributes=[
+            {"shape": "circle", "color": "red", "background": "blue", "size": "large", "position": "center"},
+            {"shape": "square", "color": "red", "background": "green", "size": "small", "position": "left"},
+        ],
+    )
+    result = prompt_fidelity(tiny_pipeline(), Fixed(), prompts, SamplingSettings(2.0, 2))
+    assert result["shape"] == 0.5 and result["color"] == 1.0 and result["background"] == 0.5
+    assert result["size"] == 0.5 and result["position"] == 0.5 and result["all"] == 0.5
+    assert result["seconds_per_image"] > 0
+
+
+def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    cfg = EvaluationConfig(
+        num_prompts=3,
+        autoencoder_images=8,
+        bound_latents=2,
+        guidance_scales=[1.0, 3.0],
+        guidance_sweep_steps=2,
+        ddim_steps=[2, 3],
+        ddpm_steps=4,
+        probe=TINY_PROBE,
+    )
+    out = tmp_path / "eval"
+    metrics = evaluate_model(model, out, cfg)
+    for name in ("metrics.json", "report.md", "fidelity_vs_guidance.png", "fidelity_vs_steps.png", "samples.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert [row["settings"]["guidance_scale"] for row in metrics["fidelity"]["guidance_sweep"]] == [1.0, 3.0]
+    samplers = [
+        (r["settings"]["sampler"], r["settings"]["num_inference_steps"]) for r in metrics["fidelity"]["step_sweep"]
+    ]
+    assert samplers == [("ddim", 2), ("ddim", 3), ("ddpm", 4)]
+    for row in metrics["fidelity"]["guidance_sweep"]:
+        assert set(row["accuracy"]) == {*JUDGED, "all", "seconds_per_image"}
+        assert all(0.0 <= row["accuracy"][k] <= 1.0 for k in JUDGED)
+    assert metrics["autoencoder"]["rfid"] is None and "Inception" in metrics["autoencoder"]["unavailable"]["rFID"]
+    assert metrics["pretrained"]["clip_score"] is None and metrics["pretrained"]["fid"] is None
+    assert metrics["bound"]["num_latents"] == 2 and metrics["bound"]["timesteps"] == 1000
+    assert torch.isfinite(torch.tensor(metrics["bound"]["bits_per_dim"]))
+    report = (out / "report.md").read_text()
+    assert "| ddpm 1000" not in report and "ddpm 4 steps" in report
+    assert "rFID unavailable" in report and "CLIP score unavailable" in report
