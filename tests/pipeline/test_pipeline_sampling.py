@@ -6,7 +6,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from ldm.diffusion import sample_ddim
+from ldm.diffusion import sample_ddim, sample_ddpm
 from ldm.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_pipeline
 
@@ -19,11 +19,16 @@ def run(pipe, prompt=PROMPTS, seed=0, **kwargs):
 
 
 class UNetCalls:
-    """Records the batch size of every U-Net forward."""
+    """Records the batch size and the (first) timestep of every U-Net forward."""
 
     def __init__(self, unet):
         self.batches: list[int] = []
-        self.handle = unet.register_forward_pre_hook(lambda _m, args: self.batches.append(args[0].shape[0]))
+        self.timesteps: list[int] = []
+        self.handle = unet.register_forward_pre_hook(self._record)
+
+    def _record(self, _module, args):
+        self.batches.append(args[0].shape[0])
+        self.timesteps.append(int(torch.as_tensor(args[1]).flatten()[0]))
 
     def __enter__(self):
         return self
@@ -62,6 +67,23 @@ def test_guidance_one_is_a_single_conditional_pass(pipe):
     torch.testing.assert_close(out.images, manual.sample, rtol=0, atol=0)
     with_negative = run(pipe, guidance_scale=1.0, num_images_per_prompt=3, negative_prompt="something else")
     torch.testing.assert_close(with_negative.images, out.images, rtol=0, atol=0)
+
+
+def test_sampling_all_t_steps_runs_the_full_chain_without_the_offset():
+    """T steps visit T-1 .. 0 (DDPM as trained); steps_offset 1 would push the first one to t = T."""
+    schedule = NoiseScheduleConfig(num_train_timesteps=20)
+    pipe = tiny_pipeline(schedule)
+    with UNetCalls(pipe.unet) as calls:
+        out = run(pipe, guidance_scale=1.0, num_inference_steps=20, sampler="ddpm")
+    assert calls.timesteps == list(range(19, -1, -1))
+    cond = pipe.text_encoder.encode(PROMPTS)
+    x_T = torch.randn((2, 4, 8, 8), generator=(generator := torch.Generator().manual_seed(0)))
+
+    def conditional_unet(x, t):
+        return pipe.unet(x, t, encoder_hidden_states=cond).sample
+
+    manual = sample_ddpm(conditional_unet, schedule.build(), x_T, num_steps=20, generator=generator, progress=False)
+    torch.testing.assert_close(out.images, manual.sample, rtol=0, atol=0)
 
 
 def test_guidance_batches_unconditional_and_conditional_in_one_pass(pipe):
@@ -141,7 +163,7 @@ def test_defaults_fill_unset_arguments(pipe):
     ("kwargs", "argument"),
     [
         ({"num_inference_steps": 0}, "num_inference_steps"),
-        ({"num_inference_steps": 1000}, "num_inference_steps"),  # leading + steps_offset 1 reaches t = 1000
+        ({"num_inference_steps": 1001}, "num_inference_steps"),  # more steps than the 1000-step chain
         ({"num_inference_steps": 2.5}, "num_inference_steps"),
         ({"height": 10}, "height"),  # a multiple of the VAE factor 2 but not of 2 x U-Net downsampling 2
         ({"height": 7}, "height"),
