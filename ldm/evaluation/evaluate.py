@@ -19,7 +19,7 @@ from ldm.evaluation.bound import heldout_latent_bound
 from ldm.evaluation.fidelity import FidelityPrompts, SamplingSettings, chance_accuracy, prompt_fidelity
 from ldm.evaluation.machine import describe_machine
 from ldm.evaluation.pretrained import pretrained_scores, reconstruction_fid
-from ldm.evaluation.probe import ProbeConfig, load_or_train_probe
+from ldm.evaluation.probe import AttributeProbe, ProbeConfig, accuracy, load_or_train_probe, shapes_tensors
 from ldm.evaluation.report import plot_sweep, write_report
 from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline
@@ -74,6 +74,10 @@ def evaluate_model(
     probe_cfg = replace(cfg.probe, resolution=resolution)  # the probe reads images of the model's size
     probe, probe_accuracy = load_or_train_probe(probe_cfg, out / "probe")
     metrics["probe"] = {"heldout_accuracy": probe_accuracy, "config": asdict(probe_cfg)}
+    # What survives stage 1 bounds what stage 2 can draw: the probe on reconstructions is that ceiling.
+    metrics["autoencoder"]["probe_accuracy_on_reconstructions"] = reconstruction_probe_accuracy(
+        autoencoder, probe, ShapesDataset(probe_cfg.heldout_samples, resolution, "heldout")
+    )
     prompts = FidelityPrompts.heldout(cfg.num_prompts, resolution)
     default_w = pipeline.defaults.guidance_scale
 
@@ -115,6 +119,23 @@ def evaluate_model(
     plot_sweep(step_rows, step_counts, "sampling steps", out / "fidelity_vs_steps.png", log_x=True)
     write_report(metrics, out / "report.md")
     return metrics
+
+
+@torch.no_grad()
+def reconstruction_probe_accuracy(
+    autoencoder: KLAutoencoder, probe: AttributeProbe, heldout: ShapesDataset, batch_size: int = 100
+) -> dict[str, float]:
+    """The probe's per-attribute accuracy on the autoencoder's reconstructions (posterior mean) of held-out
+    renderings: how much of each attribute the latents keep."""
+    images, labels = shapes_tensors(heldout)
+    device = next(autoencoder.parameters()).device
+    reconstructions = torch.cat(
+        [
+            autoencoder.decode(autoencoder.encode(x.to(device)).mode()).clamp(-1, 1).cpu()
+            for x in images.split(batch_size)
+        ]
+    )
+    return accuracy(probe, reconstructions, labels)
 
 
 def _row(settings: SamplingSettings, accuracy: dict[str, float], tick: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class ProbeConfig:
     resolution: int = 32
     train_samples: int = 20000
     heldout_samples: int = 1000
-    steps: int = 1200
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

@@ -48,6 +48,9 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "",
         f"{ae['num_images']} held-out images. {_unavailable(ae)}",
         "",
+        "The attribute probe on the autoencoder's reconstructions (the most stage 2 can reproduce): "
+        f"{accuracy_line(ae['probe_accuracy_on_reconstructions'])}.",
+        "",
         "## Prompt fidelity",
         "",
         f"{metrics['fidelity']['num_prompts']} captions of held-out shapes scenes, one image each, judged by an "

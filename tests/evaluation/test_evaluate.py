@@ -83,6 +83,7 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
     for row in metrics["fidelity"]["guidance_sweep"]:
         assert set(row["accuracy"]) == {*JUDGED, "all", "seconds_per_image"}
         assert all(0.0 <= row["accuracy"][k] <= 1.0 for k in JUDGED)
+    assert set(metrics["autoencoder"]["probe_accuracy_on_reconstructions"]) == set(ATTRIBUTES)
     assert metrics["autoencoder"]["rfid"] is None and "Inception" in metrics["autoencoder"]["unavailable"]["rFID"]
     assert metrics["pretrained"]["clip_score"] is None and metrics["pretrained"]["fid"] is None
     assert metrics["bound"]["num_latents"] == 2 and metrics["bound"]["timesteps"] == 1000
