@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
+    from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
+    from ldm.training import DiffusionExperimentConfig
 
 DEFAULT_OUTPUT_DIR = "runs/quickstart"
 
@@ -30,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `quickstart` to the `ldm` command line."""
     parser = subparsers.add_parser(
         "quickstart",
-        help="train both stages on the built-in shapes and draw images from prompts (about 15 minutes on 2 CPUs)",
+        help="train both stages on the built-in shapes and draw images from prompts (about 18 minutes on 2 CPUs)",
         description="Generate the shapes data, train the autoencoder (DIR/autoencoder/), train the diffusion "
         "model (DIR/diffusion/ is its run, DIR/pipeline/ the model folder), and write a grid of generated "
         "images (DIR/samples/).",
@@ -41,36 +46,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
+    from ldm.training import DiffusionExperimentConfig
+
+    run_quickstart(Path(args.output_dir), args.seed, AutoencoderExperimentConfig(), DiffusionExperimentConfig())
+    return 0
+
+
+def run_quickstart(
+    out: Path,
+    seed: int,
+    ae_cfg: AutoencoderExperimentConfig,
+    ldm_cfg: DiffusionExperimentConfig,
+    prompts: tuple[str, ...] = QUICKSTART_PROMPTS,
+) -> Path:
+    """Both stages into `out` with these configs (the stage-2 config's autoencoder is replaced by stage 1's
+    output), then a grid drawn from the saved folder; prints the summary, returns the grid's path."""
     import torch
 
-    from ldm.commands.train_autoencoder import AutoencoderExperimentConfig, run_autoencoder_training
+    from ldm.commands.train_autoencoder import run_autoencoder_training
     from ldm.images import save_image_grid
     from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.training import DiffusionExperimentConfig, train_diffusion
+    from ldm.training import train_diffusion
 
-    out = Path(args.output_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     print(f"[1/3] autoencoder -> {out / 'autoencoder'}", flush=True)
-    ae_cfg = AutoencoderExperimentConfig()
-    ae_cfg.train.seed = args.seed
+    ae_cfg.train.seed = seed
     ae_metrics = run_autoencoder_training(ae_cfg, out / "autoencoder")
     timings["autoencoder"] = time.perf_counter() - start
 
     print(f"[2/3] diffusion model -> {out / 'pipeline'}", flush=True)
-    ldm_cfg = DiffusionExperimentConfig(autoencoder=str(out / "autoencoder" / "vae"))
-    ldm_cfg.train.seed = args.seed
+    ldm_cfg.autoencoder = str(out / "autoencoder" / "vae")
+    ldm_cfg.train.seed = seed
     ldm_metrics = train_diffusion(ldm_cfg, out / "diffusion", pipeline_dir=out / "pipeline")
     timings["diffusion"] = time.perf_counter() - start - timings["autoencoder"]
 
     print("[3/3] sampling from the saved pipeline", flush=True)
     pipeline = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
-    generator = torch.Generator().manual_seed(args.seed)
-    images = pipeline(list(QUICKSTART_PROMPTS), num_images_per_prompt=4, generator=generator).images
+    generator = torch.Generator().manual_seed(seed)
+    images = pipeline(list(prompts), num_images_per_prompt=4, generator=generator).images
     grid_path = out / "samples" / "quickstart.png"
-    grid = save_image_grid(images, grid_path, rows=len(QUICKSTART_PROMPTS), scale=max(1, 64 // images[0].size[0]))
-    (out / "samples" / "quickstart_prompts.txt").write_text("\n".join(QUICKSTART_PROMPTS) + "\n", encoding="utf-8")
+    grid = save_image_grid(images, grid_path, rows=len(prompts), scale=max(1, 64 // images[0].size[0]))
+    (out / "samples" / "quickstart_prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     timings["total"] = time.perf_counter() - start
 
     print(
@@ -84,4 +103,4 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  diffusion run   : {out / 'diffusion'} (validation grids in samples/)")
     print(f"  training curves : tensorboard --logdir {out}  (final loss {ldm_metrics['loss_last_100_steps']:.4f})")
     print(f'  next            : ldm generate --model {out / "pipeline"} "a blue circle on a red background"')
-    return 0
+    return grid

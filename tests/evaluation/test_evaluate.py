@@ -12,11 +12,8 @@ TINY_PROBE = ProbeConfig(resolution=16, train_samples=256, heldout_samples=64, s
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (tests/conftest.py)."""
 
 
 @pytest.mark.training

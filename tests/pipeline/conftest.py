@@ -3,19 +3,14 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from ldm.pipeline import LatentDiffusionPipeline
 from tests.pipeline.tiny_models import tiny_pipeline
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
