@@ -104,9 +104,10 @@ def accuracy(probe: AttributeProbe, images: Tensor, labels: dict[str, Tensor]) -
 def train_probe(cfg: ProbeConfig) -> tuple[AttributeProbe, dict[str, float]]:
     """Train on rendered train-split shapes; returns the probe and its accuracy on held-out renderings."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     images, labels = shapes_tensors(ShapesDataset(cfg.train_samples, cfg.resolution, "train", seed=cfg.seed + 1))
-    probe = AttributeProbe()
+    with torch.random.fork_rng(devices=[]):  # seeded initialization without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        probe = AttributeProbe()
     opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     probe.train()
