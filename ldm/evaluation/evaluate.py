@@ -76,7 +76,7 @@ def evaluate_model(
     metrics["probe"] = {"heldout_accuracy": probe_accuracy, "config": asdict(probe_cfg)}
     # What survives stage 1 bounds what stage 2 can draw: the probe on reconstructions is that ceiling.
     metrics["autoencoder"]["probe_accuracy_on_reconstructions"] = reconstruction_probe_accuracy(
-        autoencoder, probe, ShapesDataset(probe_cfg.heldout_samples, resolution, "heldout")
+        autoencoder, probe, heldout
     )
     prompts = FidelityPrompts.heldout(cfg.num_prompts, resolution)
     default_w = pipeline.defaults.guidance_scale
