@@ -27,7 +27,15 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.shadow = [p.detach().clone().float() for p in model.parameters()]
+        # Only what trains: a frozen parameter's average is itself. Fixed by name now, because sampling
+        # pipelines switch requires_grad off and on again later.
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone().float() for p in self.tracked(model)]
+
+    def tracked(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of `model` this average follows, in the shadow's order."""
+        params = dict(model.named_parameters())
+        return [params[name] for name in self.names]
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
@@ -39,26 +47,26 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the average."""
         decay = self.current_decay()
-        params = [p.detach().float() for p in model.parameters()]
+        params = [p.detach().float() for p in self.tracked(model)]
         torch._foreach_lerp_(self.shadow, params, 1.0 - decay)  # shadow += (1 - decay) * (p - shadow)
         self.num_updates += 1
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Write the averaged weights into `model`."""
-        for p, s in zip(model.parameters(), self.shadow, strict=True):
+        for p, s in zip(self.tracked(model), self.shadow, strict=True):
             p.copy_(s.to(p.dtype))
 
     @contextmanager
     def averaged(self, model: nn.Module) -> Iterator[nn.Module]:
         """Inside the block `model` holds the averaged weights; its own weights come back afterwards."""
-        backup = [p.detach().clone() for p in model.parameters()]
+        backup = [p.detach().clone() for p in self.tracked(model)]
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
-                for p, b in zip(model.parameters(), backup, strict=True):
+                for p, b in zip(self.tracked(model), backup, strict=True):
                     p.copy_(b)
 
     def to(self, device: torch.device | str) -> EMA:

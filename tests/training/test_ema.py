@@ -61,3 +61,18 @@ def test_save_and_load_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow, restored.shadow, strict=True))
     with pytest.raises(ValueError, match="EMA tensors"):
         EMA(nn.Linear(3, 3, bias=False), 0.9).load(tmp_path / "ema.safetensors")
+
+
+def test_frozen_parameters_are_not_averaged_and_stay_untouched():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    ema = EMA(model, decay=0.5, warmup=False)
+    assert len(ema.shadow) == 2  # the second layer's weight and bias
+    frozen = model[0].weight.detach().clone()
+    model.requires_grad_(False)  # as a sampling pipeline does; the tracked set must not change
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema.update(model)
+    ema.copy_to(model)
+    assert torch.equal(model[0].weight, frozen)
+    assert len(ema.tracked(model)) == 2
