@@ -243,7 +243,7 @@ class LatentDiffusionPipeline:
         common: dict[str, Any] = {
             "num_steps": s.num_inference_steps,
             "spacing": self.noise_schedule.timestep_spacing,
-            "steps_offset": self._steps_offset(s.num_inference_steps),
+            "steps_offset": self.noise_schedule.steps_offset,
             "model_kwargs": {"encoder_hidden_states": cond},
             "generator": generator,
             "return_trajectory": return_trajectory,
@@ -297,13 +297,6 @@ class LatentDiffusionPipeline:
         self._check_settings(settings)
         return settings
 
-    def _steps_offset(self, num_inference_steps: int) -> int:
-        """The schedule's steps_offset, except for the full chain: sampling all T steps visits every timestep
-        T-1 .. 0 (DDPM as trained), so there is nothing to offset (diffusers' schedulers refuse this case)."""
-        if num_inference_steps == self.noise_schedule.num_train_timesteps:
-            return 0
-        return self.noise_schedule.steps_offset
-
     def _check_settings(self, s: SamplingSettings) -> None:
         if s.guidance_scale < 0:
             raise ValueError(
@@ -317,7 +310,7 @@ class LatentDiffusionPipeline:
         if not _is_int(steps) or steps < 1:
             raise ValueError(f"num_inference_steps: must be a positive int, got {steps!r}")
         try:  # the steps must fit in the training chain after spacing and steps_offset
-            spaced_timesteps(schedule.num_train_timesteps, steps, schedule.timestep_spacing, self._steps_offset(steps))
+            spaced_timesteps(schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset)
         except ValueError as err:
             raise ValueError(
                 f"num_inference_steps: {steps} does not fit the {schedule.num_train_timesteps}-step chain "

@@ -80,6 +80,10 @@ def spaced_timesteps(
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if num_steps == num_train_timesteps:
+        # The full chain visits every timestep T-1 .. 0 (DDPM as trained): there is nothing to offset
+        # (diffusers' schedulers refuse this case rather than shift past T-1).
+        steps_offset = 0
     if spacing == "leading":
         ratio = num_train_timesteps // num_steps
         timesteps = np.arange(num_steps) * ratio + steps_offset

@@ -58,6 +58,14 @@ def test_spacing_matches_diffusers(spacing, num_steps):
     assert spaced_timesteps(1000, num_steps, spacing).tolist() == scheduler.timesteps.tolist()
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_the_full_chain_ignores_the_offset(spacing):
+    """All T steps visit T-1 .. 0 whatever the spacing; steps_offset 1 would push leading's first step to T."""
+    assert spaced_timesteps(1000, 1000, spacing, steps_offset=1).tolist() == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match="outside"):
+        spaced_timesteps(1000, 999, "leading", steps_offset=2)  # 998 * 1 + 2 = 1000: still refused
+
+
 def test_derived_arrays():
     d = GaussianDiffusion.from_schedule("linear", 1000)
     c = d.coef
