@@ -1,8 +1,10 @@
 """The autoencoder's training objective, after CompVis latent-diffusion's LPIPSWithDiscriminator.
 
 Generator (autoencoder) loss, with sums over pixels / latent dims and means over the batch:
-    rec   = pixel_weight * |x - x_rec| + lpips_weight * LPIPS(x, x_rec)          (per pixel)
+    rec   = pixel_weight * |x - x_rec|^p + lpips_weight * LPIPS(x, x_rec)        (per pixel; p = 1 or 2)
     nll   = sum(rec / exp(s) + s)                                                 (s: learned log-variance)
+With lpips_weight = 0 and pixel_weight = 1, nll is the negative log-likelihood of a Laplace decoder with
+scale exp(s) (p = 1), or twice that of a Gaussian decoder with variance exp(s) (p = 2), up to constants.
     L_G   = -E[D(x_rec)]                                                          (hinge, generator side)
     loss  = nll + kl_weight * KL(q(z|x) || N(0, I)) + disc_weight * lambda * c(step) * L_G
 with lambda the adaptive weight at the decoder's last layer and c(step) = disc_factor once
@@ -32,7 +34,7 @@ class LossTerms:
 
 
 class AutoencoderLoss(nn.Module):
-    """L1 + LPIPS through a learned log-variance, + KL, + an adaptive-weighted PatchGAN term.
+    """L1 or L2 + LPIPS through a learned log-variance, + KL, + an adaptive-weighted PatchGAN term.
 
     `perceptual` is the LPIPS network (None when lpips_weight is 0); it is frozen here. Build it with
     `autoencoder.perceptual.build_lpips`, which refuses to run without the pretrained backbone.
@@ -50,8 +52,9 @@ class AutoencoderLoss(nn.Module):
         return self.cfg.disc_factor if step >= self.cfg.disc_start else 0.0
 
     def reconstruction(self, x: Tensor, x_rec: Tensor) -> Tensor:
-        """Per-pixel reconstruction loss (B, 3, H, W): pixel_weight * L1 + lpips_weight * LPIPS (broadcast)."""
-        rec = self.cfg.pixel_weight * (x - x_rec).abs()
+        """Per-pixel reconstruction loss (B, 3, H, W): pixel_weight * L1 or L2 + lpips_weight * LPIPS (broadcast)."""
+        error = x - x_rec
+        rec = self.cfg.pixel_weight * (error.square() if self.cfg.pixel_loss == "l2" else error.abs())
         if self.perceptual is not None and self.cfg.lpips_weight > 0:
             rec = rec + self.cfg.lpips_weight * self.perceptual(x, x_rec)  # (B, 1, 1, 1)
         return rec

@@ -23,18 +23,41 @@ def _forward(model: KLAutoencoder, x: torch.Tensor):
     return x_rec, DiagonalGaussian(moments)
 
 
-def test_nll_uses_the_learned_log_variance_and_kl_weight():
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+def test_nll_uses_the_learned_log_variance_and_kl_weight(pixel_loss):
     torch.manual_seed(0)
     model = KLAutoencoder(build_vae(TINY), logvar_init=0.5)
-    cfg = LossConfig(kl_weight=1e-3)
+    cfg = LossConfig(kl_weight=1e-3, pixel_loss=pixel_loss)
     x = _batch()
     x_rec, posterior = _forward(model, x)
     terms = AutoencoderLoss(cfg).generator_loss(x, x_rec, posterior, model.logvar, step=0)
-    l1 = (x - x_rec).abs()
-    nll = (l1 / math.exp(0.5) + 0.5).sum() / x.shape[0]
+    error = (x - x_rec).abs() if pixel_loss == "l1" else (x - x_rec).square()
+    nll = (error / math.exp(0.5) + 0.5).sum() / x.shape[0]
     torch.testing.assert_close(terms.loss, nll + 1e-3 * posterior.kl().mean())
     terms.loss.backward()
     assert model.logvar.grad is not None and model.logvar.grad != 0
+
+
+@pytest.mark.parametrize(
+    ("pixel_loss", "decoder"),
+    [
+        ("l1", lambda mean, logvar: torch.distributions.Laplace(mean, math.exp(logvar))),
+        ("l2", lambda mean, logvar: torch.distributions.Normal(mean, math.exp(logvar / 2))),
+    ],
+)
+def test_nll_is_the_decoder_likelihood_up_to_constants(pixel_loss, decoder):
+    """l1: the Laplace NLL with scale exp(s); l2: twice the Gaussian NLL with variance exp(s)."""
+    x, x_rec, logvar = _batch(1), _batch(2), 0.3
+    criterion = AutoencoderLoss(LossConfig(pixel_loss=pixel_loss))
+    ours = (criterion.reconstruction(x, x_rec) / math.exp(logvar) + logvar).sum()
+    exact = -decoder(x_rec, logvar).log_prob(x).sum() * (2 if pixel_loss == "l2" else 1)
+    constant = x.numel() * (math.log(2) if pixel_loss == "l1" else math.log(2 * math.pi))
+    torch.testing.assert_close(ours, exact - constant)
+
+
+def test_pixel_loss_must_be_l1_or_l2():
+    with pytest.raises(ValueError, match="pixel_loss"):
+        LossConfig(pixel_loss="huber")
 
 
 def test_discriminator_phase_adaptive_weight_is_finite_and_positive():
@@ -75,7 +98,7 @@ def test_lpips_term_with_an_explicitly_random_backbone():
     import lpips
 
     random_backbone_lpips = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-    criterion = AutoencoderLoss(LossConfig(lpips_weight=1.0), perceptual=random_backbone_lpips)
+    criterion = AutoencoderLoss(LossConfig(pixel_loss="l1", lpips_weight=1.0), perceptual=random_backbone_lpips)
     x, x_rec = _batch(0), _batch(1).requires_grad_(True)
     rec = criterion.reconstruction(x, x_rec)
     torch.testing.assert_close(rec, (x - x_rec).abs() + random_backbone_lpips(x, x_rec))
