@@ -197,16 +197,17 @@ def load_vae(path: str) -> AutoencoderKL:
     folder = Path(path)
     if folder.is_dir():
         if (folder / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(folder)
+            return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
         if (folder / "vae" / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(folder, subfolder="vae")
+            return AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
         raise FileNotFoundError(f"autoencoder: {path} holds neither config.json nor vae/config.json")
     if path.startswith((".", "/")) or path.count("/") != 1:  # a local path, not an "owner/name" hub id
         raise FileNotFoundError(f"autoencoder: {path} does not exist; train stage 1 first (ldm train-autoencoder)")
+    # A bare VAE repository (e.g. stabilityai/sd-vae-ft-mse), else a whole pipeline repository.
     try:
-        return AutoencoderKL.from_pretrained(path)  # a bare VAE repository, e.g. stabilityai/sd-vae-ft-mse
+        return AutoencoderKL.from_pretrained(path, use_safetensors=True)
     except OSError:
-        return AutoencoderKL.from_pretrained(path, subfolder="vae")  # a whole pipeline repository
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
 
 
 def latent_size(cfg: DiffusionExperimentConfig, vae: AutoencoderKL) -> int:
