@@ -138,3 +138,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def vae_downsampling_factor(path: str | Path) -> int | None:
+    """f = 2^(levels - 1) of the VAE at `path` (a folder with config.json, or with vae/config.json), read from
+    its config without loading weights; None when `path` is not a local folder (a hub id, or not trained yet)."""
+    folder = Path(path)
+    for config in (folder / "config.json", folder / "vae" / "config.json"):
+        if config.is_file():
+            channels = _read_json(config).get("block_out_channels")
+            if not isinstance(channels, list) or not channels:
+                raise ValueError(f"{config}: 'block_out_channels' must be a non-empty list, got {channels!r}")
+            return 2 ** (len(channels) - 1)
+    return None
