@@ -16,7 +16,8 @@ DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws id
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError
 
 from conditioning import TextEncoder
 from conditioning.config import CLIP_MAX_LENGTH
@@ -36,6 +38,7 @@ from ldm.model_folder import (
     SAMPLERS,
     SamplingDefaults,
     check_model_folder,
+    read_json,
     read_scheduler_config,
     write_model_index,
     write_scheduler_config,
@@ -182,15 +185,19 @@ class LatentDiffusionPipeline:
     ) -> LatentDiffusionPipeline:
         """Load a model folder (ours or any SD 1.x/2.x folder with safetensors weights).
 
-        A missing folder, model_index.json or component raises FileNotFoundError naming them. The text
+        A missing folder, model_index.json or component raises FileNotFoundError naming them; a component
+        whose files are corrupt (truncated weights, invalid JSON) raises OSError naming it. The text
         encoder uses TextEncoderConfig's defaults (clip_skip 0, frozen); the latent scale is the VAE
         config's scaling_factor.
         """
         folder = check_model_folder(folder)
         dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
-        text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
+        with _loading(folder, "vae"):
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
+        with _loading(folder, "unet"):
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
+        with _loading(folder, "text_encoder"):
+            text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
         return pipe.to(device, torch_dtype)
 
@@ -348,5 +355,14 @@ def _is_int(value: object) -> bool:
 
 def text_positions(folder: Path) -> int:
     """The prompt length the folder's text encoder was built for: its position embeddings, at most CLIP's 77."""
-    config = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    config = read_json(folder / "text_encoder" / "config.json")
     return min(int(config.get("max_position_embeddings", CLIP_MAX_LENGTH)), CLIP_MAX_LENGTH)
+
+
+@contextmanager
+def _loading(folder: Path, component: str) -> Iterator[None]:
+    """Re-raise a failure to load `component` as an OSError that names the folder and the component."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what the loaders raise for corrupt files
+        raise OSError(f"{folder}: component {component!r} cannot be loaded ({type(err).__name__}: {err})") from err
