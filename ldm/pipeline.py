@@ -16,6 +16,7 @@ DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws id
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -294,10 +295,10 @@ class LatentDiffusionPipeline:
         U-Net's). Raises ValueError naming the first invalid argument."""
         d = self.defaults
         settings = SamplingSettings(
-            guidance_scale=d.guidance_scale if guidance_scale is None else float(guidance_scale),
+            guidance_scale=d.guidance_scale if guidance_scale is None else _as_float(guidance_scale, "guidance_scale"),
             num_inference_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
             sampler=d.sampler if sampler is None else sampler,
-            eta=d.eta if eta is None else float(eta),
+            eta=d.eta if eta is None else _as_float(eta, "eta"),
             height=self.default_size if height is None else height,
             width=self.default_size if width is None else width,
         )
@@ -347,6 +348,13 @@ class LatentDiffusionPipeline:
                 f"generator: is on {generator.device.type} but stochastic sampling (ddpm, or ddim with eta > 0) "
                 f"draws its noise on {self.device.type}; pass torch.Generator(device={self.device.type!r})"
             )
+
+
+def _as_float(value: object, name: str) -> float:
+    """`value` as a finite float; anything else (a string, a bool, NaN, infinity) is a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _is_int(value: object) -> bool:
