@@ -240,3 +240,30 @@ def test_the_scan_names_the_line_of_the_finding():
 )
 def test_safe_code_is_not_flagged(snippet):
     assert scan_source(snippet, "safe.py") == []
+
+
+class _Payload:
+    """An arbitrary object: unpickling it would mean a file can make us build (and run) anything."""
+
+
+def test_torch_load_in_libraries_we_call_refuses_arbitrary_objects(tmp_path):
+    # LPIPS (torchvision backbones) and FID (Inception) weights are pickled .pth files that those libraries
+    # read with a bare torch.load; the torch this project requires makes that weights-only by default.
+    import torch
+
+    torch.save({"weights": torch.zeros(2), "payload": _Payload()}, tmp_path / "weights.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "weights.pth")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pth")
+    assert torch.equal(torch.load(tmp_path / "plain.pth")["weights"], torch.zeros(2))
+
+
+def test_a_clip_model_folder_without_safetensors_is_not_loaded(tmp_path):
+    from ldm.evaluation.pretrained import clip_unavailable_reason
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickled")
+    assert "has no .safetensors weights" in clip_unavailable_reason(str(tmp_path))
+    assert "is not a folder" in clip_unavailable_reason(str(tmp_path / "missing"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert clip_unavailable_reason(str(tmp_path)) is None
