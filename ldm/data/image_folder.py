@@ -12,7 +12,7 @@ How bad input is handled (`strict=False`, the default):
   characters and kept (the image is fine, only the caption has lost characters);
 - an image that is missing, unreadable, truncated or empty: skipped, with path and reason;
 - a missing, null or empty caption: the empty string (an unconditional example), counted.
-With `strict=True` each of the first two is an error naming the file instead.
+With `strict=True` each of the first three is an error naming the file (and line) instead.
 
 Where skips are found: with `verify=True` (the default) every image is decoded once at construction, in
 the main process, so the summary is complete before training starts and identical in every worker.

@@ -128,5 +128,5 @@ def describe_error(err: BaseException) -> str:
 
 
 def utf8_problem(raw: bytes, err: UnicodeDecodeError) -> str:
-    """Where text stopped being UTF-8, e.g. "byte 0xe9 at position 12 is not UTF-8; save the file as UTF-8"."""
+    """Where text stops being UTF-8: "byte 0xe9 at position 12 is not UTF-8; save the text as UTF-8"."""
     return f"byte 0x{raw[err.start]:02x} at position {err.start + 1} is not UTF-8; save the text as UTF-8"
