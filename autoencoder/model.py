@@ -13,7 +13,7 @@ from autoencoder.posterior import DiagonalGaussian
 def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     """An AutoencoderKL from `cfg`: loaded from `cfg.pretrained`, or built fresh with f = 2^(levels-1)."""
     if cfg.pretrained:
-        return AutoencoderKL.from_pretrained(cfg.pretrained)
+        return AutoencoderKL.from_pretrained(cfg.pretrained, use_safetensors=True)
     levels = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3,

@@ -41,7 +41,9 @@ def run(which: str, folder: Path, batch: int, steps: int, guidance: float, repea
     else:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+        )
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 

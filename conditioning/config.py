@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Literal
 
 # OpenAI CLIP's context length; Stable Diffusion 1.x/2.x condition on exactly 77 token states.
@@ -47,6 +48,12 @@ class TextEncoderConfig:
     def __post_init__(self) -> None:
         if self.pretrained is not None and not self.pretrained.strip():
             raise ValueError("pretrained: is empty; give a folder or hub id, or null to build the small encoder")
+        for key in ("text_encoder_subfolder", "tokenizer_subfolder"):
+            subfolder = PurePath(getattr(self, key))
+            if subfolder.is_absolute() or ".." in subfolder.parts:
+                raise ValueError(
+                    f"{key}: must be a folder inside `pretrained` (relative, without '..'), got {getattr(self, key)!r}"
+                )
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")

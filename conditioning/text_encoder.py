@@ -68,7 +68,7 @@ class TextEncoder(nn.Module):
         dtype = _DTYPES[config.dtype]
         if config.pretrained is not None:
             model = CLIPTextModel.from_pretrained(
-                config.pretrained, subfolder=config.text_encoder_subfolder, dtype=dtype
+                config.pretrained, subfolder=config.text_encoder_subfolder, dtype=dtype, use_safetensors=True
             )
             tokenizer = CLIPTokenizer.from_pretrained(config.pretrained, subfolder=config.tokenizer_subfolder)
             return cls(model, tokenizer, config)
@@ -96,9 +96,10 @@ class TextEncoder(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write `folder/text_encoder/` (config.json + model.safetensors) and `folder/tokenizer/`."""
+        # Always the standard names, whatever layout the weights were read from: a model folder has one layout.
         folder = Path(folder)
-        self.model.save_pretrained(folder / self.config.text_encoder_subfolder, safe_serialization=True)
-        save_tokenizer(self.tokenizer, folder / self.config.tokenizer_subfolder)
+        self.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        save_tokenizer(self.tokenizer, folder / "tokenizer")
 
     @property
     def hidden_size(self) -> int:

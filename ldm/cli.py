@@ -1,14 +1,13 @@
 """The `ldm` command line: one subcommand per module in `ldm.commands`.
 
-Each command module exposes `register(subparsers)`, which adds its parser and sets `func` to the
-function that runs it. Heavy imports (torch, diffusers) happen inside those functions, so
-`ldm --help` stays instant.
+Each command module (imported by name in `build_parser`) exposes `register(subparsers)`, which adds its
+parser and sets `func` to the function that runs it. Heavy imports (torch, diffusers) happen inside those
+functions, so `ldm --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,8 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Imported by name, never from a computed string: the command set is fixed code, not input.
+    from ldm.commands import evaluate, generate, quickstart, toy, train_autoencoder, train_diffusion
+
+    modules = {
+        "quickstart": quickstart,
+        "train_autoencoder": train_autoencoder,
+        "train_diffusion": train_diffusion,
+        "generate": generate,
+        "evaluate": evaluate,
+        "toy": toy,
+    }
     for name in COMMAND_MODULES:
-        importlib.import_module(f"ldm.commands.{name}").register(subparsers)
+        modules[name].register(subparsers)
     return parser
 
 

@@ -34,6 +34,9 @@ COMPONENTS: dict[str, tuple[str, bool]] = {
     "tokenizer": ("tokenizer_config.json", False),
     "scheduler": ("scheduler_config.json", False),
 }
+# A tokenizer folder without its vocabulary still loads (transformers then builds an empty tokenizer that maps
+# every word to one id), so one of these sets of files must be there.
+TOKENIZER_VOCABULARIES: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -72,7 +75,7 @@ class SamplingDefaults:
         path = Path(folder) / SAMPLING_DEFAULTS
         if not path.is_file():
             return cls()
-        values = _read_json(path)
+        values = read_json(path)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -84,12 +87,14 @@ class SamplingDefaults:
 
 
 def check_model_folder(folder: str | Path) -> Path:
-    """Raise FileNotFoundError naming the folder and the first missing piece, unless the folder is complete."""
+    """Raise FileNotFoundError naming the folder and the first missing piece, unless the folder is complete
+    (ValueError if model_index.json is not a JSON object)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: model folder not found")
     if not (folder / MODEL_INDEX).is_file():
         raise FileNotFoundError(f"{folder}: not a model folder, {MODEL_INDEX} is missing")
+    read_json(folder / MODEL_INDEX)  # diffusers cannot load the folder without it
     for name, (config_file, has_weights) in COMPONENTS.items():
         if not (folder / name / config_file).is_file():
             raise FileNotFoundError(f"{folder}: component {name!r} is missing ({name}/{config_file} not found)")
@@ -97,6 +102,11 @@ def check_model_folder(folder: str | Path) -> Path:
             raise FileNotFoundError(
                 f"{folder}: component {name!r} has no .safetensors weights (pickled .bin weights are not loaded)"
             )
+    if not any(all((folder / "tokenizer" / f).is_file() for f in files) for files in TOKENIZER_VOCABULARIES):
+        raise FileNotFoundError(
+            f"{folder}: component 'tokenizer' has no vocabulary (tokenizer/tokenizer.json, or tokenizer/vocab.json "
+            "and tokenizer/merges.txt)"
+        )
     return folder
 
 
@@ -127,14 +137,28 @@ def write_scheduler_config(folder: str | Path, noise_schedule: NoiseScheduleConf
 def read_scheduler_config(folder: str | Path) -> NoiseScheduleConfig:
     """The noise process recorded in `scheduler/scheduler_config.json`."""
     path = Path(folder) / SCHEDULER_CONFIG
-    return NoiseScheduleConfig.from_scheduler_config(_read_json(path), source=str(path))
+    return NoiseScheduleConfig.from_scheduler_config(read_json(path), source=str(path))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file if it is not valid JSON or not an object."""
     try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def vae_downsampling_factor(path: str | Path) -> int | None:
+    """f = 2^(levels - 1) of the VAE at `path` (a folder with config.json, or with vae/config.json), read from
+    its config without loading weights; None when `path` is not a local folder (a hub id, or not trained yet)."""
+    folder = Path(path)
+    for config in (folder / "config.json", folder / "vae" / "config.json"):
+        if config.is_file():
+            channels = read_json(config).get("block_out_channels")
+            if not isinstance(channels, list) or not channels:
+                raise ValueError(f"{config}: 'block_out_channels' must be a non-empty list, got {channels!r}")
+            return 2 ** (len(channels) - 1)
+    return None

@@ -16,7 +16,9 @@ DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws id
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError
 
 from conditioning import TextEncoder
 from conditioning.config import CLIP_MAX_LENGTH
@@ -36,6 +39,7 @@ from ldm.model_folder import (
     SAMPLERS,
     SamplingDefaults,
     check_model_folder,
+    read_json,
     read_scheduler_config,
     write_model_index,
     write_scheduler_config,
@@ -182,15 +186,19 @@ class LatentDiffusionPipeline:
     ) -> LatentDiffusionPipeline:
         """Load a model folder (ours or any SD 1.x/2.x folder with safetensors weights).
 
-        A missing folder, model_index.json or component raises FileNotFoundError naming them. The text
+        A missing folder, model_index.json or component raises FileNotFoundError naming them; a component
+        whose files are corrupt (truncated weights, invalid JSON) raises OSError naming it. The text
         encoder uses TextEncoderConfig's defaults (clip_skip 0, frozen); the latent scale is the VAE
         config's scaling_factor.
         """
         folder = check_model_folder(folder)
         dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
-        text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
+        with _loading(folder, "vae"):
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
+        with _loading(folder, "unet"):
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
+        with _loading(folder, "text_encoder"):
+            text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
         return pipe.to(device, torch_dtype)
 
@@ -287,10 +295,10 @@ class LatentDiffusionPipeline:
         U-Net's). Raises ValueError naming the first invalid argument."""
         d = self.defaults
         settings = SamplingSettings(
-            guidance_scale=d.guidance_scale if guidance_scale is None else float(guidance_scale),
+            guidance_scale=d.guidance_scale if guidance_scale is None else _as_float(guidance_scale, "guidance_scale"),
             num_inference_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
             sampler=d.sampler if sampler is None else sampler,
-            eta=d.eta if eta is None else float(eta),
+            eta=d.eta if eta is None else _as_float(eta, "eta"),
             height=self.default_size if height is None else height,
             width=self.default_size if width is None else width,
         )
@@ -342,11 +350,27 @@ class LatentDiffusionPipeline:
             )
 
 
+def _as_float(value: object, name: str) -> float:
+    """`value` as a finite float; anything else (a string, a bool, NaN, infinity) is a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def text_positions(folder: Path) -> int:
     """The prompt length the folder's text encoder was built for: its position embeddings, at most CLIP's 77."""
-    config = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    config = read_json(folder / "text_encoder" / "config.json")
     return min(int(config.get("max_position_embeddings", CLIP_MAX_LENGTH)), CLIP_MAX_LENGTH)
+
+
+@contextmanager
+def _loading(folder: Path, component: str) -> Iterator[None]:
+    """Re-raise a failure to load `component` as an OSError that names the folder and the component."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what the loaders raise for corrupt files
+        raise OSError(f"{folder}: component {component!r} cannot be loaded ({type(err).__name__}: {err})") from err

@@ -58,7 +58,7 @@ def build_unet(
     pretrained U-Net is checked against these sizes, since a mismatch would only fail deep in a forward.
     """
     if cfg.pretrained:
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", use_safetensors=True)
         expected = {"in_channels": in_channels, "out_channels": out_channels}
         expected["cross_attention_dim"] = cross_attention_dim
         wrong = {k: (unet.config[k], v) for k, v in expected.items() if unet.config[k] != v}

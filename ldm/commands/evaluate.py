@@ -30,10 +30,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from ldm.commands import CommandError
     from ldm.evaluation import EvaluationConfig, evaluate_model
+    from ldm.model_folder import check_model_folder
 
     model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise CommandError(f"--model: {model} is not a model folder (no model_index.json)")
+    try:  # before any work: a missing component would otherwise surface deep inside the evaluation
+        check_model_folder(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise CommandError(f"--model: {err}") from err
     try:
         cfg = EvaluationConfig(
             num_prompts=args.num_prompts,

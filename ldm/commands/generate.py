@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = pipe.resolve_settings(
             args.guidance_scale, args.steps, args.sampler, args.eta, args.height, args.width
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # a missing or corrupt component, or an invalid option
         raise CommandError(str(err)) from err
     paths = generate_images(
         pipe, args.prompts, Path(args.out), args.seed, settings, args.num_images, args.negative_prompt, args.trajectory

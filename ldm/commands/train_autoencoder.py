@@ -21,6 +21,21 @@ class AutoencoderExperimentConfig(AutoencoderConfig):
 
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        # Checked when the config is read: the decoder of an f-times downsampling VAE returns sides that are
+        # multiples of f, so any other resolution would only fail at the first loss, after start-up.
+        levels = len(self.model.block_out_channels)
+        factor, where = self.model.downsampling_factor, f"model.block_out_channels has {levels} levels"
+        if self.model.pretrained is not None:  # then the folder's own config decides (None: a hub id)
+            from ldm.model_folder import vae_downsampling_factor
+
+            factor, where = vae_downsampling_factor(self.model.pretrained), f"model.pretrained {self.model.pretrained}"
+        if factor is not None and self.data.resolution % factor:
+            raise ValueError(
+                f"data.resolution: {self.data.resolution} is not a multiple of the autoencoder's downsampling "
+                f"factor f={factor} ({where}); use a multiple of {factor}"
+            )
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `train-autoencoder` to the `ldm` command line."""

@@ -6,10 +6,13 @@
       more/dog.png
 
 How bad input is handled (`strict=False`, the default):
-- a metadata line that is not a JSON object, or has no "file_name": a warning naming file and line;
+- a metadata line that is not a JSON object, or has no "file_name", or whose "file_name" leaves the folder
+  (absolute, or with ".."): a warning naming file and line, and the line is dropped;
+- a metadata line that is not UTF-8: a warning naming file and line; it is read with U+FFFD replacement
+  characters and kept (the image is fine, only the caption has lost characters);
 - an image that is missing, unreadable, truncated or empty: skipped, with path and reason;
 - a missing, null or empty caption: the empty string (an unconditional example), counted.
-With `strict=True` each of the first two is an error naming the file instead.
+With `strict=True` each of the first three is an error naming the file (and line) instead.
 
 Where skips are found: with `verify=True` (the default) every image is decoded once at construction, in
 the main process, so the summary is complete before training starts and identical in every worker.
@@ -33,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ldm.data.images import IMAGE_EXTENSIONS, describe_error, load_pixels
+from ldm.data.images import IMAGE_EXTENSIONS, describe_error, load_pixels, utf8_problem
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +150,11 @@ class ImageFolderDataset(Dataset):
             self._summary.missing_captions = len(files)
             return [(p, "") for p in files]
         rows: list[tuple[Path, str | list[str]]] = []
-        with metadata.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with metadata.open("rb") as f:  # bytes: a line that is not UTF-8 is reported by number, not a crash
+            for line_no, raw in enumerate(f, start=1):
+                line, problem = _decode_line(raw, first=line_no == 1)
+                if problem:
+                    self._bad_line(metadata, line_no, problem)
                 if not line.strip():
                     continue
                 row, problem = _parse_row(line, self.caption_column)
@@ -204,6 +210,17 @@ class ImageFolderDataset(Dataset):
         return kept
 
 
+def _decode_line(raw: bytes, first: bool) -> tuple[str, str | None]:
+    """A metadata line as text, and a problem if it was not UTF-8 (then decoded with replacement characters)."""
+    try:
+        line = raw.decode("utf-8")
+        problem = None
+    except UnicodeDecodeError as err:
+        line = raw.decode("utf-8", errors="replace")
+        problem = f"{utf8_problem(raw, err)} (read with replacement characters)"
+    return (line.removeprefix("\ufeff") if first else line), problem  # a BOM is not part of the JSON
+
+
 def _parse_row(line: str, caption_column: str) -> tuple[tuple[str, str | list[str]] | None, str | None]:
     """One metadata line as ((file_name, caption) or None, problem or None).
 
@@ -219,6 +236,8 @@ def _parse_row(line: str, caption_column: str) -> tuple[tuple[str, str | list[st
     file_name = row.get("file_name")
     if not isinstance(file_name, str) or not file_name.strip():
         return None, "missing or empty 'file_name'"
+    if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+        return None, f"'file_name' must be a path inside the folder (relative, without '..'), got {file_name!r}"
     caption = row.get(caption_column)
     if caption is None:
         return (file_name, ""), None

@@ -6,11 +6,14 @@ Shared by the image-folder and WebDataset sources so both prepare pixels identic
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -22,13 +25,28 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
+def open_image(source: str | Path | bytes, draft_size: int | None = None, name: str | None = None) -> Image.Image:
     """Open and fully decode an image, so a truncated or corrupt file fails here, not later.
 
     `draft_size` lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that still covers that many pixels
     on both sides, which makes large photos much cheaper to load.
+
+    Decompression bombs follow PIL's limit `Image.MAX_IMAGE_PIXELS`: above twice the limit `Image.open`
+    raises DecompressionBombError (the callers skip or reject the file by name); above the limit the image
+    is loaded with a warning that names it (`name`, by default the path), since PIL's own warning does not.
     """
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        logger.warning(
+            "%s: %dx%d = %d pixels is over the decompression-bomb limit of %d (PIL.Image.MAX_IMAGE_PIXELS); "
+            "loading it anyway (twice the limit would be an error)",
+            name or ("<bytes>" if isinstance(source, bytes) else source),
+            image.width,
+            image.height,
+            image.width * image.height,
+            limit,
+        )
     if draft_size is not None and image.format == "JPEG":
         image.draft(image.mode, (draft_size, draft_size))
     image.load()  # raises OSError for truncated data
@@ -79,10 +97,18 @@ def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = Tru
 
 
 def load_pixels(
-    source: str | Path | bytes, resolution: int, center_crop: bool = True, random_flip: bool = False
+    source: str | Path | bytes,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """A file path or encoded bytes as a float32 (3, resolution, resolution) tensor in [-1, 1]."""
-    image = resize_and_crop(to_rgb(open_image(source, draft_size=resolution)), resolution, center_crop)
+    """A file path or encoded bytes as a float32 (3, resolution, resolution) tensor in [-1, 1].
+
+    `name` says where encoded bytes came from, for warnings (a path names itself).
+    """
+    image = open_image(source, draft_size=resolution, name=name)
+    image = resize_and_crop(to_rgb(image), resolution, center_crop)
     pixels = to_model_tensor(image)  # (3, H, W)
     if random_flip and torch.rand(()) < 0.5:
         pixels = pixels.flip(-1)
@@ -99,3 +125,8 @@ def to_model_tensor(image: Image.Image) -> torch.Tensor:
 def describe_error(err: BaseException) -> str:
     """A one-line reason for a failed image, e.g. "UnidentifiedImageError: cannot identify image file"."""
     return f"{type(err).__name__}: {err}"
+
+
+def utf8_problem(raw: bytes, err: UnicodeDecodeError) -> str:
+    """Where text stops being UTF-8: "byte 0xe9 at position 12 is not UTF-8; save the text as UTF-8"."""
+    return f"byte 0x{raw[err.start]:02x} at position {err.start + 1} is not UTF-8; save the text as UTF-8"

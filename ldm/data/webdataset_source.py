@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
-from ldm.data.images import describe_error, load_pixels
+from ldm.data.images import describe_error, load_pixels, utf8_problem
 
 logger = logging.getLogger(__name__)
 
@@ -165,14 +165,14 @@ class WebDatasetSource(IterableDataset):
             try:
                 if image_key is None:
                     raise ValueError(f"no image file ({', '.join(IMAGE_KEYS)}) in this sample")
-                pixels = load_pixels(sample[image_key], self.resolution, self.center_crop, self.random_flip)
+                pixels = load_pixels(sample[image_key], self.resolution, self.center_crop, self.random_flip, name=where)
             except Exception as err:  # decoders of untrusted bytes raise many types
                 if self.strict:
                     raise ValueError(f"webdataset sample {where}: {describe_error(err)}") from err
                 logger.warning("webdataset: skipping sample %s: %s", where, describe_error(err))
                 skipped.append((where, describe_error(err)))
                 continue
-            caption = sample.get(CAPTION_KEY, b"").decode("utf-8", errors="replace").strip()
+            caption = self._caption(sample.get(CAPTION_KEY, b""), where)
             missing_captions += not caption
             read += 1
             yield {"pixel_values": pixels, "caption": caption}
@@ -185,6 +185,17 @@ class WebDatasetSource(IterableDataset):
             missing_captions,
             "".join(f"\n  skipped {where}: {reason}" for where, reason in skipped[:20]),
         )
+
+    def _caption(self, raw: bytes, where: str) -> str:
+        """The sample's .txt as text; bytes that are not UTF-8 become U+FFFD with a warning (strict: an error)."""
+        try:
+            return raw.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            problem = f"caption {CAPTION_KEY!r} is not UTF-8 text ({utf8_problem(raw, err)})"
+            if self.strict:
+                raise ValueError(f"webdataset sample {where}: {problem}") from err
+            logger.warning("webdataset sample %s: %s; read with replacement characters", where, problem)
+            return raw.decode("utf-8", errors="replace").strip()
 
 
 def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

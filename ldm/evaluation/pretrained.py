@@ -30,6 +30,18 @@ def fid_unavailable_reason(weights: str | None) -> str | None:
     return None
 
 
+def clip_unavailable_reason(folder: str | None) -> str | None:
+    """Why the CLIP score cannot be computed from `folder`, or None when it can."""
+    if folder is None:
+        return "no CLIP model given (--clip-model PATH to a local transformers CLIPModel folder)"
+    if not Path(folder).is_dir():
+        return f"--clip-model: {folder} is not a folder"
+    # torchmetrics loads it with from_pretrained, which would fall back to a pickled pytorch_model.bin.
+    if not any(Path(folder).glob("*.safetensors")):
+        return f"--clip-model: {folder} has no .safetensors weights (pickled .bin weights are not loaded)"
+    return None
+
+
 def _fid(weights: str, device: torch.device) -> Any:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -58,8 +70,9 @@ def pretrained_scores(pipeline: Any, prompts: Any, heldout: Any, cfg: Any, guida
     """CLIP score of generated images against their prompts and FID against held-out images, when the user
     supplied the weights; both on one image per prompt at the model's default sampling settings."""
     unavailable: dict[str, str] = {}
-    if cfg.clip_model is None:
-        unavailable["CLIP score"] = "no CLIP model given (--clip-model PATH to a local transformers CLIPModel folder)"
+    clip_reason = clip_unavailable_reason(cfg.clip_model)
+    if clip_reason is not None:
+        unavailable["CLIP score"] = clip_reason
     fid_reason = fid_unavailable_reason(cfg.inception_weights)
     if fid_reason is not None:
         unavailable["FID"] = fid_reason
@@ -71,7 +84,7 @@ def pretrained_scores(pipeline: Any, prompts: Any, heldout: Any, cfg: Any, guida
         prompts.captions, guidance_scale=guidance_scale, generator=generator, output_type="np", progress=False
     ).images
     generated = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # [0, 1]
-    if cfg.clip_model is not None:
+    if clip_reason is None:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
         metric = CLIPScore(model_name_or_path=cfg.clip_model)

@@ -129,3 +129,33 @@ class DiffusionExperimentConfig:
     def __post_init__(self) -> None:
         if not self.autoencoder.strip():
             raise ValueError("autoencoder: give the folder of a trained VAE (e.g. runs/autoencoder/vae)")
+        # Checked here, when the config is read, so an impossible size fails before any model is built.
+        from ldm.model_folder import vae_downsampling_factor
+
+        factor = vae_downsampling_factor(self.autoencoder)  # None: a hub id or a VAE not trained yet
+        if factor is not None:
+            latent_grid(self.data.resolution, factor, self.unet, where=f"autoencoder {self.autoencoder}")
+        elif self.unet.pretrained is None and self.data.resolution % self.unet.downsampling_factor:
+            raise ValueError(
+                f"data.resolution: {self.data.resolution} is not a multiple of the U-Net's downsampling factor "
+                f"{self.unet.downsampling_factor} ({len(self.unet.block_out_channels)} levels), so no VAE could "
+                "give it a latent grid it can halve"
+            )
+
+
+def latent_grid(resolution: int, vae_factor: int, unet: UNetConfig, where: str = "the VAE") -> int:
+    """The side of the latent grid of `resolution`-pixel images: resolution / f, which must be whole and, for a
+    U-Net built from `unet` (not a pretrained one), divisible by its 2^(levels - 1). ValueError otherwise."""
+    if resolution % vae_factor:
+        raise ValueError(
+            f"data.resolution: {resolution} is not a multiple of the downsampling factor f={vae_factor} of "
+            f"{where}; use a multiple of {vae_factor}"
+        )
+    size = resolution // vae_factor
+    if unet.pretrained is None and size % unet.downsampling_factor:
+        levels, multiple = len(unet.block_out_channels), vae_factor * unet.downsampling_factor
+        raise ValueError(
+            f"data.resolution: {resolution} gives {size}x{size} latents (f={vae_factor}), which the U-Net's "
+            f"{levels} levels cannot halve {levels - 1} times; use a multiple of {multiple}"
+        )
+    return size

@@ -26,7 +26,7 @@ from ldm.diffusion import GaussianDiffusion, training_losses
 from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline, SamplingDefaults
 from ldm.training.batches import LatentBatches, build_train_dataset, make_loader
-from ldm.training.config import DiffusionExperimentConfig, DiffusionTrainConfig
+from ldm.training.config import DiffusionExperimentConfig, DiffusionTrainConfig, latent_grid
 from ldm.training.denoiser import Denoiser
 from ldm.training.ema import EMA
 from ldm.unet import build_unet
@@ -197,30 +197,22 @@ def load_vae(path: str) -> AutoencoderKL:
     folder = Path(path)
     if folder.is_dir():
         if (folder / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(folder)
+            return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
         if (folder / "vae" / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(folder, subfolder="vae")
+            return AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
         raise FileNotFoundError(f"autoencoder: {path} holds neither config.json nor vae/config.json")
     if path.startswith((".", "/")) or path.count("/") != 1:  # a local path, not an "owner/name" hub id
         raise FileNotFoundError(f"autoencoder: {path} does not exist; train stage 1 first (ldm train-autoencoder)")
+    # A bare VAE repository (e.g. stabilityai/sd-vae-ft-mse), else a whole pipeline repository.
     try:
-        return AutoencoderKL.from_pretrained(path)  # a bare VAE repository, e.g. stabilityai/sd-vae-ft-mse
+        return AutoencoderKL.from_pretrained(path, use_safetensors=True)
     except OSError:
-        return AutoencoderKL.from_pretrained(path, subfolder="vae")  # a whole pipeline repository
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
 
 
 def latent_size(cfg: DiffusionExperimentConfig, vae: AutoencoderKL) -> int:
     """The side of the latent grid, checked against the VAE's and the U-Net's downsampling."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.data.resolution % factor:
-        raise ValueError(f"data.resolution: {cfg.data.resolution} is not a multiple of the VAE's factor f={factor}")
-    size = cfg.data.resolution // factor
-    if size % cfg.unet.downsampling_factor:
-        raise ValueError(
-            f"data.resolution: {cfg.data.resolution} gives {size}x{size} latents, which the U-Net's "
-            f"{len(cfg.unet.block_out_channels)} levels cannot halve {len(cfg.unet.block_out_channels) - 1} times"
-        )
-    return size
+    return latent_grid(cfg.data.resolution, 2 ** (len(vae.config.block_out_channels) - 1), cfg.unet)
 
 
 def cacheable(cfg: DiffusionExperimentConfig, dataset: Any) -> bool:

@@ -102,7 +102,12 @@ def test_loads_a_bare_clip_folder_with_model_and_tokenizer_side_by_side(small_en
     small_encoder.model.save_pretrained(tmp_path)
     small_encoder.tokenizer.save_pretrained(tmp_path)
     config = TextEncoderConfig(pretrained=str(tmp_path), text_encoder_subfolder="", tokenizer_subfolder="")
-    assert torch.equal(TextEncoder.from_config(config).encode(PROMPTS), small_encoder.encode(PROMPTS))
+    loaded = TextEncoder.from_config(config)
+    assert torch.equal(loaded.encode(PROMPTS), small_encoder.encode(PROMPTS))
+    # Saved, it takes the model folder's standard layout, not the one it was read from.
+    loaded.save_pretrained(tmp_path / "model")
+    assert {p.name for p in (tmp_path / "model").iterdir()} == {"text_encoder", "tokenizer"}
+    assert torch.equal(TextEncoder.from_pretrained(tmp_path / "model").encode(PROMPTS), small_encoder.encode(PROMPTS))
 
 
 def test_small_encoder_is_seeded_and_leaves_the_global_rng_alone():

@@ -94,3 +94,16 @@ def test_slug():
     assert slug("  A Red circle, on GREY!  ") == "a-red-circle-on-grey"
     assert slug("") == "unconditional"
     assert len(slug("word " * 50)) <= 40
+
+
+def test_prompts_that_look_like_paths_write_only_inside_the_output_folder(model_folder, tmp_path, capsys):
+    out = tmp_path / "nested" / "out"
+    prompts = ["../../escaped", "/tmp/absolute", "..", "a/b\\c"]
+    assert main(["generate", "--model", str(model_folder), *prompts, "--steps", "2", "--out", str(out)]) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.split()]
+    assert len(printed) == len(prompts) + 1  # one image per prompt and the grid
+    assert all(p.parent == out and p.is_file() for p in printed)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == sorted(
+        f"nested/out/{p.name}" for p in printed
+    )
+    assert [p.name for p in printed[:2]] == ["000-escaped.png", "001-tmp-absolute.png"]

@@ -15,7 +15,7 @@ PROMPTS = ["a red circle", "a blue square"]
 
 def run(pipe, prompt=PROMPTS, seed=0, **kwargs):
     kwargs = {"num_inference_steps": 4, "output_type": "latent", "progress": False, **kwargs}
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return pipe(prompt, **{"generator": torch.Generator().manual_seed(seed), **kwargs})
 
 
 class UNetCalls:
@@ -178,12 +178,37 @@ def test_defaults_fill_unset_arguments(pipe):
         ({"output_type": "pt"}, "output_type"),
         ({"eta": 1.5}, "eta"),
         ({"eta": -0.1}, "eta"),
+        ({"eta": float("nan")}, "eta"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),  # NaN passes every comparison; it would give NaN images
+        ({"guidance_scale": float("inf")}, "guidance_scale"),
+        ({"guidance_scale": "high"}, "guidance_scale"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"num_images_per_prompt": True}, "num_images_per_prompt"),
+        ({"num_images_per_prompt": 2.0}, "num_images_per_prompt"),
+        ({"height": 16.0}, "height"),
+        ({"generator": 0}, "generator"),  # a seed where a torch.Generator belongs
     ],
 )
 def test_invalid_arguments_name_the_argument(pipe, kwargs, argument):
     with UNetCalls(pipe.unet) as calls, pytest.raises(ValueError, match=f"^{argument}: "):
         run(pipe, **kwargs)
     assert calls.batches == []  # rejected before any sampling
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"prompt": [1, 2]}, r"prompt\[0\]: expected str, got int"),
+        ({"prompt": ["a red circle", None]}, r"prompt\[1\]: is None"),
+        ({"prompt": b"a red circle"}, "prompt: expected a str or a list of str, got bytes"),
+        ({"prompt": 7}, "prompt: expected a str or a list of str, got int"),
+        ({"negative_prompt": 3}, "negative_prompt: expected a str or a list of str"),
+    ],
+)
+def test_prompts_of_the_wrong_type_name_the_argument(pipe, kwargs, argument):
+    with UNetCalls(pipe.unet) as calls, pytest.raises(TypeError, match=f"^{argument}"):
+        run(pipe, **kwargs)
+    assert calls.batches == []
 
 
 def test_mismatched_parts_are_rejected():
