@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from autoencoder.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from autoencoder.config import AutoencoderConfig, TrainConfig
 from autoencoder.discriminator import PatchDiscriminator
+from autoencoder.distributed import log_rank_step, prepare_loader, reduce_mean
 from autoencoder.evaluate import (
     batch_images,
     evaluate_reconstruction,
@@ -63,7 +64,8 @@ def train_autoencoder(
     model = KLAutoencoder(build_vae(cfg.model), cfg.loss.logvar_init)
     criterion = AutoencoderLoss(cfg.loss, perceptual).to(accelerator.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas)
-    model, opt, train_loader = accelerator.prepare(model, opt, train_loader)
+    model, opt = accelerator.prepare(model, opt)
+    scale_loader, train_loader = train_loader, prepare_loader(accelerator, train_loader)
     disc, opt_d = None, None
     if cfg.loss.use_discriminator:
         disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers)
@@ -79,19 +81,22 @@ def train_autoencoder(
     start = time.perf_counter()
 
     while step < tc.steps:
-        x = batch_images(next(batches))
+        batch = next(batches)
+        x = batch_images(batch).to(accelerator.device)  # a stream is not placed by Accelerate (prepare_loader)
         set_learning_rate(opt, step, tc, tc.lr)
         if opt_d is not None:
             set_learning_rate(opt_d, step, tc, tc.disc_lr)
         with accelerator.accumulate(*(m for m in (model, disc) if m is not None)), accelerator.autocast():
             logs = train_step(accelerator, model, disc, criterion, opt, opt_d, x, step)
+        log_rank_step(accelerator, step + 1, logs, batch)
         if not accelerator.sync_gradients:
             continue  # a micro-batch of gradient accumulation; the optimizers have not stepped
         step += 1
         progress.update(1)
         progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("rec", "kl", "g_loss", "d_loss")})
-        if step % tc.log_every == 0:
-            accelerator.log({f"train/{k}": v for k, v in logs.items()} | {"train/lr": opt.param_groups[0]["lr"]}, step)
+        if step % tc.log_every == 0:  # every process takes part in the mean; only the main one writes it
+            logged = {f"train/{k}": v for k, v in reduce_mean(accelerator, logs).items()}
+            accelerator.log(logged | {"train/lr": opt.param_groups[0]["lr"]}, step)
         if step % tc.sample_every == 0 and accelerator.is_main_process:
             write_samples(accelerator.unwrap_model(model), preview, out / "samples" / f"step_{step:07d}.png")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
@@ -102,7 +107,8 @@ def train_autoencoder(
     accelerator.wait_for_everyone()
     result: dict[str, Any] = {}
     if accelerator.is_main_process:
-        result = finish(accelerator.unwrap_model(model), eval_loader, train_loader, cfg, out, step)
+        # The unprepared loader: the prepared one broadcasts its shuffle seed, which would wait for the others.
+        result = finish(accelerator.unwrap_model(model), eval_loader, scale_loader, cfg, out, step)
         result["train_seconds"] = round(train_seconds, 1)
         (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         logger.info("held-out metrics: %s", json.dumps(result))

@@ -91,6 +91,8 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset | IterableDa
     from ldm.data.webdataset_source import WebDatasetSource
 
     urls: str | list[str] = path.split("::") if "::" in path else path
+    # Held-out data is evaluated whole by the main process, so no split across ranks (only across workers).
+    whole = {} if train else {"rank": 0, "world_size": 1}
     return WebDatasetSource(
-        urls, cfg.resolution, shuffle_buffer=cfg.shuffle_buffer if train else 0, seed=cfg.seed, **common
+        urls, cfg.resolution, shuffle_buffer=cfg.shuffle_buffer if train else 0, seed=cfg.seed, **common, **whole
     )

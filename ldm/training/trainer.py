@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from autoencoder.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from autoencoder.distributed import log_rank_step, prepare_loader
 from autoencoder.trainer import forever
 from conditioning import TextEncoder
 from ldm.config import save_config
@@ -94,7 +95,8 @@ def train_diffusion(
         weight_decay=tc.weight_decay,
         fused=device.type == "cuda",  # one kernel for all parameters; CPU has no fused AdamW
     )
-    model, opt, loader = accelerator.prepare(denoiser, opt, loader)
+    model, opt = accelerator.prepare(denoiser, opt)
+    loader = prepare_loader(accelerator, loader)  # a stream splits itself across ranks and workers
     ema = EMA(denoiser, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
 
     step = 0
@@ -116,6 +118,7 @@ def train_diffusion(
         with accelerator.accumulate(model), accelerator.autocast():
             latents, conditioning = to_latents(batch)
             loss = diffusion_loss(diffusion, model, latents, conditioning, cfg)
+            log_rank_step(accelerator, step + 1, {"loss": loss}, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and tc.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -120,3 +120,13 @@ def test_build_dataset_expands_a_glob(shards, tmp_path):
     assert braces.shards == shards
     with pytest.raises(FileNotFoundError, match="no file matches"):
         WebDatasetSource(str(tmp_path / "nothing-*.tar"), RES)
+
+
+def test_the_heldout_split_is_read_whole_by_every_rank(shards, tmp_path, monkeypatch):
+    # Held-out data is evaluated by the main process alone, so it must not be split across ranks like training data.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    heldout = "::".join(shards[:3])
+    cfg = DataConfig(source="webdataset", resolution=RES, train_path=heldout, heldout_path=heldout)
+    assert len(set(_captions(build_dataset(cfg, "heldout")))) == 3 * PER_SHARD
+    assert len(build_dataset(cfg, "train").consumer_shards()) == 1  # rank 1 of 2 trains on its share (of 3)
