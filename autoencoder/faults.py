@@ -102,6 +102,11 @@ class NonFiniteGuard:
                 "Lower the learning rate, check the data, or resume from an earlier checkpoint."
             )
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the last step's updates all happened (scheduled checkpoints are written only then)."""
+        return self.streak == 0
+
     def state_dict(self) -> dict[str, int]:
         """The counters, for trainer_state.json."""
         return {"total": self.total, "streak": self.streak}

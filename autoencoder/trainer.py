@@ -106,7 +106,7 @@ def train_autoencoder(
             if step % tc.sample_every == 0 and accelerator.is_main_process:
                 write_samples(accelerator.unwrap_model(model), preview, out / "samples" / f"step_{step:07d}.png")
             stop = signals.requested(accelerator)
-            if stop or step % tc.checkpoint_every == 0 or step == tc.steps:
+            if stop or (guard.healthy and (step % tc.checkpoint_every == 0 or step == tc.steps)):
                 save_training_state(accelerator, out, step, batches, guard, tc.keep_checkpoints)
             if stop:
                 progress.close()

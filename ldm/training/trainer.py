@@ -138,7 +138,7 @@ def train_diffusion(
                 write_validation_grid(pipeline, ema, denoiser, cfg, out / "samples" / f"step_{step:07d}.png")
                 denoiser.train().unet.requires_grad_(True)  # the pipeline put the U-Net in inference mode
             stop = signals.requested(accelerator)
-            if stop or step % tc.checkpoint_every == 0 or step == tc.steps:
+            if stop or (guard.healthy and (step % tc.checkpoint_every == 0 or step == tc.steps)):
                 save_training_state(accelerator, out, step, batches, guard, tc.keep_checkpoints, save_ema)
             if stop:
                 progress.close()
