@@ -105,11 +105,14 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # the newest complete checkpoints kept; older ones go once a new one is complete
+    max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (updates skipped) before stopping
     eval_samples: int = 1000  # held-out images for the final metrics
     scale_samples: int = 512  # images whose latents set the scaling factor
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every")
+        positive += ("keep_checkpoints", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")

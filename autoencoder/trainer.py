@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from autoencoder.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from autoencoder.config import AutoencoderConfig, TrainConfig
 from autoencoder.discriminator import PatchDiscriminator
 from autoencoder.distributed import log_rank_step, prepare_loader, reduce_mean
@@ -26,10 +25,18 @@ from autoencoder.evaluate import (
     latent_scaling_factor,
     save_reconstruction_grid,
 )
+from autoencoder.faults import NonFiniteGuard, StopSignal
 from autoencoder.loss import AutoencoderLoss
 from autoencoder.model import KLAutoencoder, build_vae
 from autoencoder.perceptual import build_lpips, lpips_backbone_available
 from autoencoder.posterior import DiagonalGaussian
+from autoencoder.training_state import (
+    DataStream,
+    load_training_state,
+    save_training_state,
+    seed_shuffle,
+    stopped_early,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ def train_autoencoder(
     model = KLAutoencoder(build_vae(cfg.model), cfg.loss.logvar_init)
     criterion = AutoencoderLoss(cfg.loss, perceptual).to(accelerator.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas)
+    seed_shuffle(train_loader, tc.seed)
     model, opt = accelerator.prepare(model, opt)
     scale_loader, train_loader = train_loader, prepare_loader(accelerator, train_loader)
     disc, opt_d = None, None
@@ -72,35 +80,42 @@ def train_autoencoder(
         opt_d = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr, betas=tc.adam_betas)
         disc, opt_d = accelerator.prepare(disc, opt_d)
 
-    step = load_checkpoint(accelerator, resolve_resume(out, resume)) if resume else 0
     accelerator.init_trackers("autoencoder")
     preview = next(iter(eval_loader))
     preview = batch_images(preview)[:8].to(accelerator.device)
-    batches = forever(train_loader)
+    batches, guard = DataStream(train_loader), NonFiniteGuard(tc.max_nonfinite_steps)
+    step = load_training_state(accelerator, out, resume, batches, guard)[0] if resume else 0  # sets the RNGs: last
     progress = tqdm(total=tc.steps, initial=step, desc="autoencoder", disable=not accelerator.is_main_process)
     start = time.perf_counter()
 
-    while step < tc.steps:
-        batch = next(batches)
-        x = batch_images(batch).to(accelerator.device)  # a stream is not placed by Accelerate (prepare_loader)
-        set_learning_rate(opt, step, tc, tc.lr)
-        if opt_d is not None:
-            set_learning_rate(opt_d, step, tc, tc.disc_lr)
-        with accelerator.accumulate(*(m for m in (model, disc) if m is not None)), accelerator.autocast():
-            logs = train_step(accelerator, model, disc, criterion, opt, opt_d, x, step)
-        log_rank_step(accelerator, step + 1, logs, batch)
-        if not accelerator.sync_gradients:
-            continue  # a micro-batch of gradient accumulation; the optimizers have not stepped
-        step += 1
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("rec", "kl", "g_loss", "d_loss")})
-        if step % tc.log_every == 0:  # every process takes part in the mean; only the main one writes it
-            logged = {f"train/{k}": v for k, v in reduce_mean(accelerator, logs).items()}
-            accelerator.log(logged | {"train/lr": opt.param_groups[0]["lr"]}, step)
-        if step % tc.sample_every == 0 and accelerator.is_main_process:
-            write_samples(accelerator.unwrap_model(model), preview, out / "samples" / f"step_{step:07d}.png")
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save_checkpoint(accelerator, out, step)
+    with StopSignal() as signals:
+        while step < tc.steps:
+            batch = next(batches)
+            x = batch_images(batch).to(accelerator.device)  # a stream is not placed by Accelerate (prepare_loader)
+            set_learning_rate(opt, step, tc, tc.lr)
+            if opt_d is not None:
+                set_learning_rate(opt_d, step, tc, tc.disc_lr)
+            with accelerator.accumulate(*(m for m in (model, disc) if m is not None)), accelerator.autocast():
+                logs = train_step(accelerator, model, disc, criterion, opt, opt_d, x, step, guard)
+            log_rank_step(accelerator, step + 1, logs, batch)
+            if not accelerator.sync_gradients:
+                continue  # a micro-batch of gradient accumulation; the optimizers have not stepped
+            step += 1
+            guard.end_step(step)  # raises after train.max_nonfinite_steps skipped updates in a row
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("rec", "kl", "g_loss", "d_loss")})
+            if step % tc.log_every == 0:  # every process takes part in the mean; only the main one writes it
+                logged = {f"train/{k}": v for k, v in reduce_mean(accelerator, logs).items()}
+                extra = {"train/lr": opt.param_groups[0]["lr"], "train/nonfinite_steps": guard.total}
+                accelerator.log(logged | extra, step)
+            if step % tc.sample_every == 0 and accelerator.is_main_process:
+                write_samples(accelerator.unwrap_model(model), preview, out / "samples" / f"step_{step:07d}.png")
+            stop = signals.requested(accelerator)
+            if stop or (guard.healthy and (step % tc.checkpoint_every == 0 or step == tc.steps)):
+                save_training_state(accelerator, out, step, batches, guard, tc.keep_checkpoints)
+            if stop:
+                progress.close()
+                return stopped_early(accelerator, out, step, signals.received)
     progress.close()
     train_seconds = time.perf_counter() - start
 
@@ -110,6 +125,7 @@ def train_autoencoder(
         # The unprepared loader: the prepared one broadcasts its shuffle seed, which would wait for the others.
         result = finish(accelerator.unwrap_model(model), eval_loader, scale_loader, cfg, out, step)
         result["train_seconds"] = round(train_seconds, 1)
+        result["nonfinite_steps"] = guard.total
         (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         logger.info("held-out metrics: %s", json.dumps(result))
     accelerator.end_training()
@@ -125,21 +141,27 @@ def train_step(
     opt_d: torch.optim.Optimizer | None,
     x: Tensor,
     step: int,
+    guard: NonFiniteGuard,
 ) -> dict[str, float]:
-    """One micro-batch: the autoencoder's update, then (once the GAN is on) the discriminator's."""
+    """One micro-batch: the autoencoder's update, then (once the GAN is on) the discriminator's.
+
+    Each update happens where gradients sync, and only if its loss and gradients are finite (`guard`).
+    """
     raw = accelerator.unwrap_model(model)
     x_rec, moments = model(x)
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
     terms = criterion.generator_loss(x, x_rec, DiagonalGaussian(moments), raw.logvar, step, raw_disc, raw.last_layer)
     accelerator.backward(terms.loss)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    guard.watch("autoencoder", terms.loss)
+    if accelerator.sync_gradients:
+        guard.apply(accelerator, "autoencoder", opt, model.parameters())
     logs = terms.logs
     if disc is not None and opt_d is not None and criterion.disc_factor(step) > 0:
         d_terms = criterion.discriminator_loss(x, x_rec, disc, step)
         accelerator.backward(d_terms.loss)
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
+        guard.watch("discriminator", d_terms.loss)
+        if accelerator.sync_gradients:
+            guard.apply(accelerator, "discriminator", opt_d, disc.parameters())
         logs = logs | d_terms.logs
     return logs
 
@@ -189,9 +211,3 @@ def finish(
     model.vae.register_to_config(scaling_factor=scale)
     model.vae.save_pretrained(out / "vae", safe_serialization=True)
     return {"step": step, **metrics, "scaling_factor": scale}
-
-
-def forever(loader: Iterable) -> Iterator[Any]:
-    """Cycle through `loader` epoch after epoch (a new shuffle each pass)."""
-    while True:
-        yield from loader

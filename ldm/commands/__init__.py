@@ -1,6 +1,7 @@
 """Subcommands of the `ldm` command line; each module has `register(subparsers)`."""
 
 import argparse
+import shlex
 
 
 class CommandError(Exception):
@@ -19,3 +20,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
     )
+
+
+def resume_command(args: argparse.Namespace, output_dir: str) -> str:
+    """The `ldm` command line that continues the run `args` started from its latest checkpoint."""
+    line = ["ldm", args.command, *(["--config", args.config] if args.config else []), "--output-dir", output_dir]
+    for override in args.overrides:
+        line += ["--set", override]
+    return shlex.join([*line, "--resume", "latest"])
+
+
+def report_stop(metrics: dict, args: argparse.Namespace, output_dir: str) -> None:
+    """After a run stopped by a signal: say where its checkpoint is and the exact command that resumes it."""
+    if metrics.get("stopped_by"):
+        print(
+            f"{metrics['stopped_by']}: stopped at step {metrics['step']}, checkpoint {metrics['checkpoint']}\n"
+            f"resume with: {resume_command(args, output_dir)}",
+            flush=True,
+        )

@@ -74,13 +74,14 @@ def run_quickstart(
 
     print(f"[1/3] autoencoder -> {out / 'autoencoder'}", flush=True)
     ae_cfg.train.seed = seed
-    ae_metrics = run_autoencoder_training(ae_cfg, out / "autoencoder")
+    ae_metrics = _completed(run_autoencoder_training(ae_cfg, out / "autoencoder"), "train-autoencoder")
     timings["autoencoder"] = time.perf_counter() - start
 
     print(f"[2/3] diffusion model -> {out / 'pipeline'}", flush=True)
     ldm_cfg.autoencoder = str(out / "autoencoder" / "vae")
     ldm_cfg.train.seed = seed
     ldm_metrics = train_diffusion(ldm_cfg, out / "diffusion", pipeline_dir=out / "pipeline")
+    ldm_metrics = _completed(ldm_metrics, "train-diffusion")
     timings["diffusion"] = time.perf_counter() - start - timings["autoencoder"]
 
     print("[3/3] sampling from the saved pipeline", flush=True)
@@ -104,3 +105,15 @@ def run_quickstart(
     print(f"  training curves : tensorboard --logdir {out}  (final loss {ldm_metrics['loss_last_100_steps']:.4f})")
     print(f'  next            : ldm generate --model {out / "pipeline"} "a blue circle on a red background"')
     return grid
+
+
+def _completed(metrics: dict, command: str) -> dict:
+    """`metrics` of a finished stage; a stage stopped by a signal ends the quickstart, which does not resume."""
+    if metrics.get("stopped_by"):
+        from ldm.commands import CommandError
+
+        raise CommandError(
+            f"{metrics['stopped_by']}: stopped at step {metrics['step']} ({metrics['checkpoint']}); the quickstart "
+            f"does not resume, continue that stage with `ldm {command} --output-dir ... --resume latest`"
+        )
+    return metrics

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autoencoder.config import AutoencoderConfig
-from ldm.commands import add_config_arguments
+from ldm.commands import add_config_arguments, report_stop
 from ldm.data import DataConfig
 
 DEFAULT_OUTPUT_DIR = "runs/autoencoder"
@@ -54,7 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.config import load_config
 
     cfg = load_config(AutoencoderExperimentConfig, args.config, args.overrides)
-    run_autoencoder_training(cfg, args.output_dir or DEFAULT_OUTPUT_DIR, resume=args.resume)
+    output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
+    report_stop(run_autoencoder_training(cfg, output_dir, resume=args.resume), args, output_dir)
     return 0
 
 

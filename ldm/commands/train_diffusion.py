@@ -25,9 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ldm.commands import report_stop
     from ldm.config import load_config
     from ldm.training import DiffusionExperimentConfig, train_diffusion
 
     cfg = load_config(DiffusionExperimentConfig, args.config, args.overrides)
-    train_diffusion(cfg, args.output_dir or DEFAULT_OUTPUT_DIR, resume=args.resume)
+    output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
+    report_stop(train_diffusion(cfg, output_dir, resume=args.resume), args, output_dir)
     return 0

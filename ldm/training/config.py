@@ -65,9 +65,12 @@ class DiffusionTrainConfig:
     log_every: int = 25
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # the newest complete checkpoints kept; older ones go once a new one is complete
+    max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (updates skipped) before stopping
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every")
+        positive += ("keep_checkpoints", "max_nonfinite_steps")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -17,9 +17,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
-from autoencoder.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from autoencoder.distributed import log_rank_step, prepare_loader
-from autoencoder.trainer import forever
+from autoencoder.faults import NonFiniteGuard, StopSignal
+from autoencoder.training_state import DataStream, load_training_state, save_training_state, stopped_early
 from conditioning import TextEncoder
 from ldm.config import save_config
 from ldm.data import build_dataset
@@ -99,48 +99,53 @@ def train_diffusion(
     loader = prepare_loader(accelerator, loader)  # a stream splits itself across ranks and workers
     ema = EMA(denoiser, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
 
+    accelerator.init_trackers("diffusion")
+    batches, guard = DataStream(loader), NonFiniteGuard(tc.max_nonfinite_steps)
     step = 0
-    if resume:
-        checkpoint = resolve_resume(out, resume)
-        step = load_checkpoint(accelerator, checkpoint)
+    if resume:  # last before the loop: it sets the RNGs
+        step, checkpoint = load_training_state(accelerator, out, resume, batches, guard)
         if ema is not None:
             ema.load(checkpoint / EMA_FILE)
-    accelerator.init_trackers("diffusion")
-    batches = forever(loader)
     progress = tqdm(total=tc.steps, initial=step, desc="diffusion", disable=not accelerator.is_main_process)
     recent: list[float] = []
     start = time.perf_counter()
     first_step = step
+    save_ema = _ema_saver(ema, accelerator)
 
-    while step < tc.steps:
-        set_learning_rate(opt, learning_rate(step, tc))
-        batch = next(batches)
-        with accelerator.accumulate(model), accelerator.autocast():
-            latents, conditioning = to_latents(batch)
-            loss = diffusion_loss(diffusion, model, latents, conditioning, cfg)
-            log_rank_step(accelerator, step + 1, {"loss": loss}, batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and tc.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue  # a micro-batch of gradient accumulation; the optimizer has not stepped
-        step += 1
-        if ema is not None:
-            ema.update(denoiser)
-        mean_loss = accelerator.reduce(loss.detach(), "mean").item()  # averaged over ranks
-        recent = [*recent, mean_loss][-100:]
-        progress.update(1)
-        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if step % tc.log_every == 0:
-            accelerator.log({"train/loss": mean_loss, "train/lr": opt.param_groups[0]["lr"]}, step=step)
-        if step % tc.sample_every == 0 and accelerator.is_main_process:
-            pipeline = make_pipeline(vae, text_encoder, unet, cfg)
-            write_validation_grid(pipeline, ema, denoiser, cfg, out / "samples" / f"step_{step:07d}.png")
-            denoiser.train().unet.requires_grad_(True)  # the pipeline put the U-Net in inference mode
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save_checkpoint(accelerator, out, step, extra=_ema_saver(ema, accelerator))
+    with StopSignal() as signals:  # SIGTERM / SIGINT: stop after the step, with a checkpoint
+        while step < tc.steps:
+            set_learning_rate(opt, learning_rate(step, tc))
+            batch = next(batches)
+            with accelerator.accumulate(model), accelerator.autocast():
+                latents, conditioning = to_latents(batch)
+                loss = diffusion_loss(diffusion, model, latents, conditioning, cfg)
+                log_rank_step(accelerator, step + 1, {"loss": loss}, batch)
+                accelerator.backward(loss)
+                guard.watch("unet", loss)
+                if accelerator.sync_gradients:  # the update: skipped if the loss or gradients are not finite
+                    updated = guard.apply(accelerator, "unet", opt, model.parameters(), tc.grad_clip)
+            if not accelerator.sync_gradients:
+                continue  # a micro-batch of gradient accumulation; the optimizer has not stepped
+            step += 1
+            guard.end_step(step)  # raises after train.max_nonfinite_steps skipped updates in a row
+            if ema is not None and updated:
+                ema.update(denoiser)
+            mean_loss = accelerator.reduce(loss.detach(), "mean").item()  # averaged over ranks
+            recent = [*recent, mean_loss][-100:]
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+            if step % tc.log_every == 0:
+                accelerator.log({"train/loss": mean_loss, "train/lr": opt.param_groups[0]["lr"]}, step=step)
+            if step % tc.sample_every == 0 and accelerator.is_main_process:
+                pipeline = make_pipeline(vae, text_encoder, unet, cfg)
+                write_validation_grid(pipeline, ema, denoiser, cfg, out / "samples" / f"step_{step:07d}.png")
+                denoiser.train().unet.requires_grad_(True)  # the pipeline put the U-Net in inference mode
+            stop = signals.requested(accelerator)
+            if stop or (guard.healthy and (step % tc.checkpoint_every == 0 or step == tc.steps)):
+                save_training_state(accelerator, out, step, batches, guard, tc.keep_checkpoints, save_ema)
+            if stop:
+                progress.close()
+                return stopped_early(accelerator, out, step, signals.received)
     progress.close()
     train_seconds = time.perf_counter() - start
 
@@ -160,6 +165,7 @@ def train_diffusion(
             "steps_this_run": step - first_step,
             "lr": opt.param_groups[0]["lr"],
             "ema_updates": ema.num_updates if ema is not None else 0,
+            "nonfinite_steps": guard.total,
             "loss_last_100_steps": sum(recent) / max(1, len(recent)),
             "train_seconds": round(train_seconds, 1),
             "images_per_second": round(images / train_seconds, 1) if train_seconds > 0 else None,

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from autoencoder.config import AutoencoderConfig, LossConfig, ModelConfig, TrainConfig
 from autoencoder.model import KLAutoencoder, build_vae
@@ -62,19 +62,18 @@ def test_tiny_autoencoder_learns_shapes_and_exports_a_diffusers_vae(tmp_path):
     assert (tmp_path / "checkpoints" / "step_0000060" / "model.safetensors").is_file()
 
 
-class CountingLoader:
-    """Wraps a loader and counts the batches drawn from it."""
+class CountingDataset(Dataset):
+    """Wraps a dataset and counts the examples read from it."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader, self.drawn = loader, 0
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.drawn += 1
-            yield batch
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.read = dataset, 0
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.read += 1
+        return self.dataset[index]
 
 
 @pytest.mark.training
@@ -87,11 +86,14 @@ def test_resume_latest_continues_the_step_count_with_the_discriminator(tmp_path)
     saved = (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
 
     second = AutoencoderConfig(first.model, gan, tiny_config(steps=6, checkpoint_every=2).train)
-    counting = CountingLoader(train)
-    result = train_autoencoder(second, counting, heldout, tmp_path, resume="latest")
+    counting = CountingDataset(train.dataset)
+    train = DataLoader(counting, 8, shuffle=True, collate_fn=collate_examples)
+    result = train_autoencoder(second, train, heldout, tmp_path, resume="latest")
     assert result["step"] == 6
     scale_batches = second.train.scale_samples // 8  # the scaling factor reads its images from the train loader
-    assert counting.drawn == 2 + scale_batches  # two more optimizer steps, not six
+    # Two more optimizer steps, then the scale pass; accelerate's loader reads one batch ahead in each pass.
+    # The 4 batches consumed before the checkpoint are skipped without being read.
+    assert counting.read == (2 + scale_batches + 2) * 8
     assert (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes() == saved
     assert (tmp_path / "checkpoints" / "step_0000006" / "model_1.safetensors").is_file()  # the discriminator
 

@@ -1,0 +1,115 @@
+"""Checkpoints are atomic and pruned; the data position, the non-finite guard and the stop signal in isolation."""
+
+import argparse
+import os
+import signal
+import time
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from autoencoder.checkpoint import TEMP_PREFIX, complete_checkpoints, latest_checkpoint, save_checkpoint
+from autoencoder.faults import NonFiniteGuard, StopSignal
+from autoencoder.training_state import DataStream
+from ldm.commands import resume_command
+
+
+@pytest.fixture
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_and_nothing_resume_would_pick(tmp_path, accelerator):
+    model = accelerator.prepare(nn.Linear(2, 2))
+    first = save_checkpoint(accelerator, tmp_path, 1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def crash(folder):
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(accelerator, tmp_path, 2, extra=crash)
+    assert latest_checkpoint(tmp_path) == first
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert (tmp_path / "checkpoints" / f"{TEMP_PREFIX}step_0000002").is_dir()  # the half folder, under a hidden name
+
+    save_checkpoint(accelerator, tmp_path, 3)  # the next save clears the leftover
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000003"]
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path, accelerator):
+    accelerator.prepare(nn.Linear(2, 2))
+    for step in range(1, 6):
+        save_checkpoint(accelerator, tmp_path, step, keep=2)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_the_data_stream_resumes_mid_epoch_with_the_batches_the_straight_run_draws(tmp_path, accelerator):
+    def stream() -> DataStream:
+        loader = DataLoader(range(12), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataStream(accelerator.prepare(loader))
+
+    straight = stream()
+    expected = [next(straight).tolist() for _ in range(8)]  # three batches per epoch: crosses two boundaries
+    interrupted = stream()
+    for _ in range(4):  # one batch into the second epoch
+        next(interrupted)
+    interrupted.save(tmp_path)
+    resumed = stream()
+    next(resumed)  # a fresh run's generator has moved on; loading must put it back
+    resumed.load(tmp_path)
+    assert (resumed.epoch, resumed.position) == (1, 1)
+    assert [next(resumed).tolist() for _ in range(4)] == expected[4:]
+
+
+def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator):
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    guard = NonFiniteGuard(limit=2)
+    weights = model.weight.detach().clone()
+
+    loss = model(torch.tensor([[float("inf"), 1.0]])).sum()  # finite parameters, an infinite input
+    loss.backward()
+    guard.watch("net", loss)
+    assert not guard.apply(accelerator, "net", opt, model.parameters())
+    assert torch.equal(model.weight, weights) and model.weight.grad is None  # no step, gradients zeroed
+    guard.end_step(1)
+    assert (guard.total, guard.streak, guard.healthy) == (1, 1, False)
+
+    model(torch.ones(1, 2)).sum().backward()
+    assert guard.apply(accelerator, "net", opt, model.parameters())
+    guard.end_step(2)
+    assert (guard.total, guard.streak) == (1, 0) and not torch.equal(model.weight, weights)
+
+    for step in (3, 4):
+        model(torch.ones(1, 2)).sum().backward()
+        model.weight.grad[0, 0] = float("nan")
+        guard.apply(accelerator, "net", opt, model.parameters())
+        if step == 4:
+            with pytest.raises(RuntimeError, match=r"step 4: 2 steps in a row.*train\.max_nonfinite_steps=2"):
+                guard.end_step(step)
+        else:
+            guard.end_step(step)
+
+
+def test_sigterm_during_training_becomes_a_stop_request_and_the_old_handler_comes_back(accelerator):
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as signals:
+        assert not signals.requested(accelerator)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes
+        assert signals.received == "SIGTERM" and signals.requested(accelerator)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_the_resume_command_repeats_the_run_with_resume_latest():
+    args = argparse.Namespace(command="train-diffusion", config="my run.yaml", overrides=["train.lr=1e-4"])
+    assert resume_command(args, "runs/x") == (
+        "ldm train-diffusion --config 'my run.yaml' --output-dir runs/x --set train.lr=1e-4 --resume latest"
+    )

@@ -1,0 +1,158 @@
+"""A tiny training run of either stage that the fault tests start as a subprocess.
+
+Deterministic on the CPU (one thread, torch.use_deterministic_algorithms), and able to stop at a known
+point: with --block-after STEP, the first training batch drawn once checkpoints/step_STEP exists writes
+the file --marker and waits (for --release to appear, or forever), so a test can signal or kill it there.
+Stage 1 runs through `ldm train-autoencoder` (the command line, its messages included); stage 2 through
+`train_diffusion`. Usage: python tests/fault_run.py {autoencoder|diffusion} OUT_DIR [options].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def block_after(step: int, out: Path, marker: Path, release: Path | None) -> None:
+    """Make the next batch drawn after checkpoint `step` is complete write `marker` and wait."""
+    from autoencoder import training_state
+    from autoencoder.checkpoint import STATE_FILE, step_folder
+
+    draw = training_state.DataStream.__next__
+    done = False
+
+    def blocking_next(self: training_state.DataStream) -> object:
+        nonlocal done
+        if not done and (step_folder(out, step) / STATE_FILE).is_file():
+            done = True
+            marker.write_text(str(os.getpid()), encoding="utf-8")
+            while release is None or not release.exists():
+                time.sleep(0.02)
+        return draw(self)
+
+    training_state.DataStream.__next__ = blocking_next  # type: ignore[method-assign]
+
+
+def autoencoder_args(out: Path, steps: int, every: int) -> list[str]:
+    """`ldm train-autoencoder` on 16 px shapes: 40 images in batches of 8 (5 per epoch), 2 micro-batches per step,
+    the discriminator on from step 2, so a resume crosses epochs and restores both optimizers."""
+    settings = {
+        "data.resolution": 16, "data.num_samples": 40, "data.heldout_samples": 16,
+        "model.block_out_channels": "[16,16]", "model.norm_num_groups": 8, "model.sample_size": 16,
+        "loss.disc_weight": 0.5, "loss.disc_start": 2, "loss.disc_channels": 8, "loss.disc_layers": 2,
+        "train.steps": steps, "train.batch_size": 8, "train.grad_accum": 2, "train.warmup_steps": 2,
+        "train.checkpoint_every": every, "train.sample_every": 1000, "train.log_every": 1,
+        "train.eval_samples": 16, "train.scale_samples": 16, "train.num_threads": 1,
+    }  # fmt: skip
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    return ["train-autoencoder", "--output-dir", str(out), *sets]
+
+
+def diffusion_config(vae: Path, steps: int, every: int):  # -> DiffusionExperimentConfig
+    """A stage-2 run on 16 px shapes: 32 images in batches of 8 (4 per epoch), EMA and caption dropout on."""
+    from conditioning import TextEncoderConfig
+    from ldm.data import DataConfig
+    from ldm.training import DiffusionExperimentConfig, DiffusionTrainConfig, ValidationConfig
+    from ldm.unet import UNetConfig
+
+    train = DiffusionTrainConfig(
+        steps=steps, batch_size=8, warmup_steps=2, sample_every=1000, checkpoint_every=every, log_every=1,
+        num_threads=1, lr=1e-3,
+    )  # fmt: skip
+    return DiffusionExperimentConfig(
+        autoencoder=str(vae),
+        data=DataConfig(resolution=16, num_samples=32, heldout_samples=8),
+        text_encoder=TextEncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=16),
+        unet=UNetConfig(block_out_channels=(32, 32), cross_attention=(True, True), attention_head_dim=16),
+        train=train,
+        validation=ValidationConfig(prompts=["a red circle"], images_per_prompt=1, num_inference_steps=2),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("stage", choices=("autoencoder", "diffusion"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--vae", type=Path, help="stage 2: the VAE folder")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--block-after", type=int, default=None)
+    parser.add_argument("--marker", type=Path)
+    parser.add_argument("--release", type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    if args.block_after is not None:
+        block_after(args.block_after, args.out, args.marker, args.release)
+    if args.stage == "autoencoder":
+        from ldm.cli import main as ldm_main
+
+        resume = ["--resume", args.resume] if args.resume else []
+        return ldm_main([*autoencoder_args(args.out, args.steps, args.checkpoint_every), *resume])
+    from ldm.training import train_diffusion
+
+    metrics = train_diffusion(diffusion_config(args.vae, args.steps, args.checkpoint_every), args.out, args.resume)
+    print("stopped_by:", metrics.get("stopped_by"), flush=True)
+    return 0
+
+
+# Helpers for the tests that drive this script.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(*args: str) -> subprocess.Popen:
+    """Start this script on the checkout it belongs to (its code wins over any installed copy)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(Path(__file__).resolve()), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 150) -> str:
+    """Wait for `process`; its output (the test fails with it if the run did not exit 0)."""
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `path` exists while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the run ended (exit {process.returncode}) before {path} appeared:\n"
+                f"{process.stdout.read()[-4000:] if process.stdout else ''}"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def different_tensors(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ (in any bit) between two safetensors files, or that only one has."""
+    import torch
+    from safetensors.torch import load_file
+
+    left, right = load_file(a), load_file(b)
+    return sorted(
+        k for k in left.keys() | right.keys() if k not in left or k not in right or not torch.equal(left[k], right[k])
+    )
+
+
+def _same_bits(a, b) -> bool:  # two tensors; torch is imported lazily here
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
