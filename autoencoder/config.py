@@ -52,8 +52,9 @@ class LossConfig:
     The defaults turn LPIPS and the discriminator off: the CPU quickstart has no LPIPS backbone weights
     and its 5-minute budget is spent on reconstruction. Set lpips_weight: 1.0, disc_weight: 0.5 for real data.
     `pixel_loss` is "l2" by default: without LPIPS, L1's gradient is as large on a nearly right background
-    pixel as on a wrong object pixel, and small objects are learned slowly (on the shapes at 2500 steps,
-    L2 keeps the shape's colour in 99% of held-out reconstructions); CompVis' recipe with LPIPS uses "l1".
+    pixel as on a wrong object pixel, and small objects are learned slowly (on the shapes at 2500 steps, the
+    attribute probe reads the shape's colour from 99% of held-out reconstructions with L2, 34% with L1; the
+    shape from 78% vs 50%; PSNR 33.8 vs 25.8 dB). CompVis' recipe, with LPIPS, uses "l1".
     """
 
     pixel_loss: Literal["l1", "l2"] = "l2"

@@ -64,13 +64,17 @@ class TextEmbeddingCache:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         unique = list(dict.fromkeys(["", *validate_prompts(list(captions), name="captions")]))
-        hidden, pooled = [], []
+        # Filled in place: concatenating per-batch pieces would briefly hold the whole cache twice.
+        hidden = torch.empty(len(unique), encoder.max_length, encoder.hidden_size, dtype=dtype or encoder.model.dtype)
+        pooled: torch.Tensor | None = None  # (N, D') once the first batch shows the pooled width
         with torch.no_grad():
             for start in tqdm(range(0, len(unique), batch_size), desc="encoding captions", unit="batch"):
                 out = encoder(unique[start : start + batch_size])
-                hidden.append(out.hidden_states.to(device="cpu", dtype=dtype))
-                pooled.append(out.pooled.to(device="cpu", dtype=dtype))
-        cache = cls(unique, torch.cat(hidden), torch.cat(pooled), encoder.fingerprint())
+                if pooled is None:
+                    pooled = torch.empty(len(unique), out.pooled.shape[-1], dtype=hidden.dtype)
+                end = start + len(out.pooled)
+                hidden[start:end], pooled[start:end] = out.hidden_states.cpu(), out.pooled.cpu()
+        cache = cls(unique, hidden, pooled, encoder.fingerprint())
         cache.save(path)
         logger.info("cached %d distinct captions in %s", len(unique), path)
         return cache

@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from autoencoder.checkpoint import TEMP_PREFIX
 from ldm.data import ShapesDataset
 
 pytestmark = pytest.mark.training
@@ -158,7 +159,8 @@ def check_main_process_writes(written: dict[int, list[str]], out: Path) -> list[
     assert written[1] and all(Path(p).name == "random_states_1.pkl" for p in written[1]), written[1]
     repeated = [p for p, n in Counter(written[0]).items() if n > 1]
     assert all(".tfevents." in Path(p).name for p in repeated), repeated  # TensorBoard appends to its one file
-    return [str(Path(p).relative_to(out.resolve())) for p in written[0]]
+    # A checkpoint is written into checkpoints/.incomplete-step_N and renamed whole: its files are the step's.
+    return [str(Path(p).relative_to(out.resolve())).replace(TEMP_PREFIX, "") for p in written[0]]
 
 
 def png(color: tuple[int, int, int]) -> bytes:
