@@ -7,6 +7,11 @@ cache off. All variants train the same U-Net (the CPU quickstart's), VAE and fro
 same shapes data, batch 64, fp32, plain eps MSE; each runs in its own subprocess so its peak resident
 memory is its own. Images/s counts the timed steps only; the cache build is reported beside it.
 
+Every table also gives the U-Net training step's achieved FLOP/s (forward + backward FLOPs per image,
+counted once with torch's FlopCounterMode, times images/s) and, on a GPU whose peak is known (or given
+with --peak-tflops), the model FLOPs utilization MFU = achieved / peak. A CPU has no peak we can state
+honestly, so there the MFU column says so.
+
     PYTHONPATH=. python benchmarks/train_throughput.py --steps 60
 """
 
@@ -23,15 +28,16 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("reference", "ours_cached", "ours_uncached")
+VARIANTS = ("reference", "ours_cached", "ours_uncached", "ours_compiled")
 LABELS = {
     "reference": "reference loop (diffusers example: encode every step)",
     "ours_cached": "ours: train_diffusion, latent + text cache",
     "ours_uncached": "ours: train_diffusion, cache off",
+    "ours_compiled": "ours: cache + train.compile (torch.compile)",
 }
 
 
-def experiment(vae_dir: Path, steps: int, cached: bool):
+def experiment(vae_dir: Path, steps: int, cached: bool, compiled: bool = False):
     """The quickstart's stage-2 config with a frozen text encoder and the plain eps objective."""
     from ldm.training import DiffusionExperimentConfig
 
@@ -42,6 +48,7 @@ def experiment(vae_dir: Path, steps: int, cached: bool):
     cfg.train.steps = steps
     cfg.train.warmup_steps = 0
     cfg.train.cache_latents = cached
+    cfg.train.compile = compiled
     cfg.train.sample_every = cfg.train.checkpoint_every = 10**9  # only the final checkpoint and grid
     cfg.validation.prompts = cfg.validation.prompts[:1]
     cfg.validation.images_per_prompt = 1
@@ -59,11 +66,65 @@ def write_random_vae(folder: Path) -> Path:
     return folder
 
 
-def run_ours(vae_dir: Path, steps: int, cached: bool, workdir: Path) -> dict[str, float]:
+def run_ours(vae_dir: Path, steps: int, cached: bool, compiled: bool, workdir: Path) -> dict[str, float]:
     from ldm.training import train_diffusion
 
-    metrics = train_diffusion(experiment(vae_dir, steps, cached), workdir / "run")
+    metrics = train_diffusion(experiment(vae_dir, steps, cached, compiled), workdir / "run")
     return {"images_per_second": metrics["images_per_second"], "cache_seconds": metrics["cache_seconds"]}
+
+
+# Dense peak TFLOP/s by GPU name fragment: bf16 / fp16 tensor cores, and TF32 for fp32 (PyTorch runs fp32
+# convolutions in TF32 by default). From the vendors' data sheets (SXM parts; PCIe parts are lower: use --peak-tflops).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp32": 494.7},
+    "H100": {"bf16": 989.4, "fp32": 494.7},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.1, "fp32": 183.0},
+    "A10G": {"bf16": 70.0, "fp32": 35.0},
+}
+
+
+def unet_training_flops_per_image(vae_dir: Path, batch: int = 4) -> float:
+    """FLOPs of one U-Net forward + backward per image at the benchmark's settings (counted on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.training.trainer import load_vae
+    from ldm.unet import build_unet
+
+    cfg = experiment(vae_dir, steps=1, cached=True)
+    vae = load_vae(cfg.autoencoder)
+    size = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = vae.config.latent_channels
+    unet = build_unet(
+        cfg.unet,
+        in_channels=channels,
+        out_channels=channels,
+        cross_attention_dim=cfg.text_encoder.hidden_size,
+        sample_size=size,
+    )
+    latents = torch.randn(batch, channels, size, size)
+    context = torch.randn(batch, cfg.text_encoder.max_length, cfg.text_encoder.hidden_size)
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, torch.randint(0, 1000, (batch,)), context).sample.square().mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float | None) -> float | None:
+    """The device's dense peak FLOP/s for `precision`: --peak-tflops, else the table for known GPUs, else None."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peaks in PEAK_TFLOPS.items():
+        if fragment in name:
+            return peaks["fp32" if precision == "no" else "bf16"] * 1e12
+    return None
+
+
+def bench_device() -> torch.device:
+    """The GPU when there is one (as Accelerate chooses for our trainer), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_reference(vae_dir: Path, steps: int) -> dict[str, float]:
@@ -80,15 +141,20 @@ def run_reference(vae_dir: Path, steps: int) -> dict[str, float]:
 
     cfg = experiment(vae_dir, steps, cached=False)
     torch.manual_seed(cfg.train.seed)
-    vae = load_vae(cfg.autoencoder).eval().requires_grad_(False)
-    text_encoder = TextEncoder.from_config(cfg.text_encoder)  # frozen, eval
-    unet = build_unet(
-        cfg.unet,
-        in_channels=vae.config.latent_channels,
-        out_channels=vae.config.latent_channels,
-        cross_attention_dim=text_encoder.hidden_size,
-        sample_size=cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
-    ).train()
+    device = bench_device()  # where Accelerate puts our trainer
+    vae = load_vae(cfg.autoencoder).to(device).eval().requires_grad_(False)
+    text_encoder = TextEncoder.from_config(cfg.text_encoder).to(device)  # frozen, eval
+    unet = (
+        build_unet(
+            cfg.unet,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            cross_attention_dim=text_encoder.hidden_size,
+            sample_size=cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
+        )
+        .to(device)
+        .train()
+    )
     scheduler = DDPMScheduler.from_config(cfg.noise.to_scheduler_config())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay)
@@ -100,11 +166,12 @@ def run_reference(vae_dir: Path, steps: int) -> dict[str, float]:
     for _ in range(steps):
         batch = next(batches)
         with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-            input_ids = text_encoder.tokenize(batch["captions"]).input_ids
+            pixels = batch["pixel_values"].to(device)
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            input_ids = text_encoder.tokenize(batch["captions"]).input_ids.to(device)
             encoder_hidden_states = text_encoder.model(input_ids, return_dict=False)[0]
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
@@ -113,6 +180,8 @@ def run_reference(vae_dir: Path, steps: int) -> dict[str, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"images_per_second": steps * cfg.train.batch_size / seconds, "cache_seconds": 0.0}
 
@@ -123,8 +192,10 @@ def worker(variant: str, vae_dir: Path, steps: int, threads: int) -> None:
         if variant == "reference":
             result = run_reference(vae_dir, steps)
         else:
-            result = run_ours(vae_dir, steps, variant == "ours_cached", Path(folder))
+            result = run_ours(vae_dir, steps, variant != "ours_uncached", variant == "ours_compiled", Path(folder))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -132,6 +203,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per variant")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--compile", action="store_true", help="also time train.compile (slow to compile on a CPU)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, for the MFU (known GPUs: a table)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--vae", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,10 +215,12 @@ def main() -> None:
     from ldm.evaluation.machine import describe_machine
 
     torch.set_num_threads(args.threads)
+    variants = [v for v in VARIANTS if args.compile or v != "ours_compiled"]
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         vae_dir = write_random_vae(Path(folder) / "vae")
-        for variant in VARIANTS:
+        flops_per_image = unet_training_flops_per_image(vae_dir)
+        for variant in variants:
             command = [sys.executable, __file__, "--worker", variant, "--vae", str(vae_dir)]
             command += ["--steps", str(args.steps), "--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -154,17 +229,24 @@ def main() -> None:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
             results[variant] = json.loads(lines[-1][len("RESULT ") :])
 
+    device = bench_device()
+    peak = peak_flops(device, "no", args.peak_tflops)
     reference = results["reference"]["images_per_second"]
-    print(f"machine: {describe_machine()}")
-    print(f"{args.steps} steps per variant, batch 64, fp32, shapes 32x32 -> latents 4x8x8, frozen text encoder\n")
-    print("| variant | images/s | vs reference | cache build (s) | peak RSS (MB) |")
-    print("| --- | --- | --- | --- | --- |")
-    for variant in VARIANTS:
+    print(f"machine: {describe_machine(device)}")
+    print(f"{args.steps} steps per variant, batch 64, fp32, shapes 32x32 -> latents 4x8x8, frozen text encoder")
+    print(f"U-Net forward + backward: {flops_per_image / 1e9:.2f} GFLOP per image (torch FlopCounterMode)\n")
+    columns = ["variant", "images/s", "vs reference", "U-Net TFLOP/s", "MFU", "cache build (s)", "peak RSS (MB)"]
+    print("| " + " | ".join([*columns, "peak GPU (MB)"]) + " |")
+    print("|" + " --- |" * (len(columns) + 1))
+    for variant in variants:
         r = results[variant]
         ratio = r["images_per_second"] / reference
+        achieved = r["images_per_second"] * flops_per_image
+        mfu = f"{achieved / peak:.1%}" if peak else "n/a (no known peak)"
+        gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
         print(
-            f"| {LABELS[variant]} | {r['images_per_second']:.1f} | {ratio:.2f}x | "
-            f"{r['cache_seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"| {LABELS[variant]} | {r['images_per_second']:.1f} | {ratio:.2f}x | {achieved / 1e12:.3f} | {mfu} | "
+            f"{r['cache_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {gpu} |"
         )
 
 

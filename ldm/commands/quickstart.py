@@ -18,16 +18,17 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is
 
 DEFAULT_OUTPUT_DIR = "runs/quickstart"
 
+# In the data's caption language (every shapes caption names size, colour, shape, position and background);
 # "large" so that the shape is readable at 32 px (small shapes are 5 px across).
 QUICKSTART_PROMPTS = (
-    "a large red circle on a white background",
-    "a large blue square on a yellow background",
-    "a large green triangle on a black background",
-    "a large yellow circle on a blue background",
-    "a large white triangle on a red background",
-    "a large orange square on a green background",
-    "a large purple circle on an orange background",
-    "a large black square on a white background",
+    "a large red circle at the center on a white background",
+    "a large blue square at the center on a yellow background",
+    "a large green triangle at the center on a black background",
+    "a large yellow circle at the center on a blue background",
+    "a large white triangle at the center on a red background",
+    "a large orange square at the center on a green background",
+    "a large purple circle at the center on an orange background",
+    "a large black square at the center on a white background",
 )
 
 

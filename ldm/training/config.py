@@ -45,7 +45,7 @@ class DiffusionTrainConfig:
     """Optimization (AdamW, warmup + cosine LR, clipping, EMA), precision, caching and how often to log."""
 
     seed: int = 0
-    steps: int = 1400  # optimizer steps (each one is grad_accum micro-batches)
+    steps: int = 1800  # optimizer steps (each one is grad_accum micro-batches)
     batch_size: int = 64  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-3
