@@ -33,7 +33,7 @@ LABELS = {
     "reference": "reference loop (diffusers example: encode every step)",
     "ours_cached": "ours: train_diffusion, latent + text cache",
     "ours_uncached": "ours: train_diffusion, cache off",
-    "ours_compiled": "ours: cache + train.compile (torch.compile)",
+    "ours_compiled": "ours: cache + train.compile (images/s include the compilation)",
 }
 
 
