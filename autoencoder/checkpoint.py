@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def save_checkpoint(
         extra(temp)
     accelerator.wait_for_everyone()  # every rank's files (its RNG states) are in the folder
     if accelerator.is_main_process:
-        _write_synced(temp / STATE_FILE, json.dumps({"step": step, **(state or {})}))
+        saved = {"step": step, "saved_at": time.time(), **(state or {})}  # saved_at: what "latest" means
+        _write_synced(temp / STATE_FILE, json.dumps(saved))
         publish(temp, final)
         if keep is not None:
             prune_checkpoints(root, keep, step)
@@ -116,9 +118,18 @@ def prune_checkpoints(root: Path, keep: int, step: int) -> None:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under OUTPUT_DIR/checkpoints, or None."""
+    """The most recently saved complete checkpoint under OUTPUT_DIR/checkpoints, or None.
+
+    Most recent, not highest step: after a run is resumed from an earlier checkpoint, the higher steps
+    its abandoned continuation left behind must not be picked over what the resumed run has saved since.
+    """
     found = complete_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    return max(found, key=lambda item: (_saved_at(item[1]), item[0]))[1] if found else None
+
+
+def _saved_at(folder: Path) -> float:
+    """When the checkpoint in `folder` was completed (0 for checkpoints written before this was recorded)."""
+    return float(json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("saved_at", 0.0))
 
 
 def resolve_resume(output_dir: str | Path, resume: str) -> Path:

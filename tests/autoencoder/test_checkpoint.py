@@ -11,7 +11,13 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from autoencoder.checkpoint import TEMP_PREFIX, complete_checkpoints, latest_checkpoint, save_checkpoint
+from autoencoder.checkpoint import (
+    TEMP_PREFIX,
+    complete_checkpoints,
+    latest_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from autoencoder.faults import NonFiniteGuard, StopSignal
 from autoencoder.training_state import DataStream
 from ldm.commands import resume_command
@@ -47,6 +53,15 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path, accelerator):
     for step in range(1, 6):
         save_checkpoint(accelerator, tmp_path, step, keep=2)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_latest_is_the_last_saved_not_the_highest_step(tmp_path, accelerator):
+    # A run saved steps 2 and 4, was resumed from step 2 and has saved step 3 since: step 4 is abandoned.
+    accelerator.prepare(nn.Linear(2, 2))
+    for step in (2, 4, 3):
+        save_checkpoint(accelerator, tmp_path, step, keep=3)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_0000003"
+    assert resolve_resume(tmp_path, "latest") == latest_checkpoint(tmp_path)
 
 
 def test_the_data_stream_resumes_mid_epoch_with_the_batches_the_straight_run_draws(tmp_path, accelerator):
