@@ -73,8 +73,11 @@ class DataStream:
     def _open_epoch(self) -> Iterator[Any]:
         if self.generator is not None:
             self._epoch_start = self.generator.get_state()
-        if hasattr(self.loader, "set_epoch"):  # accelerate's loaders; streams reshuffle their shards by it
+        dataset = getattr(self.loader, "dataset", None)
+        if hasattr(self.loader, "set_epoch"):  # accelerate's loaders
             self.loader.set_epoch(self.epoch)
+        elif hasattr(dataset, "set_epoch"):  # a stream (not prepared by Accelerate): the epoch's shard order
+            dataset.set_epoch(self.epoch)
         if self.position == 0:
             return iter(self.loader)
         if isinstance(self.loader, DataLoader):

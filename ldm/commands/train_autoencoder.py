@@ -72,9 +72,11 @@ def run_autoencoder_training(
 
     torch.manual_seed(cfg.train.seed)  # the training loader's shuffle order
     train_set, heldout_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "heldout")
-    loader_args = {"batch_size": cfg.train.batch_size, "num_workers": cfg.train.num_workers}
-    loader_args |= {"collate_fn": collate_examples, "persistent_workers": cfg.train.num_workers > 0}
     shuffle = not isinstance(train_set, IterableDataset)  # streams shuffle themselves
+    # A stream's workers must copy it anew each epoch to see its set_epoch (its shard order); see DataStream.
+    persistent = cfg.train.num_workers > 0 and shuffle
+    loader_args = {"batch_size": cfg.train.batch_size, "num_workers": cfg.train.num_workers}
+    loader_args |= {"collate_fn": collate_examples, "persistent_workers": persistent}
     train_loader = DataLoader(train_set, shuffle=shuffle, drop_last=shuffle, **loader_args)
     heldout_loader = DataLoader(heldout_set, shuffle=False, **loader_args)
     # Recorded up front (first process only), so even an interrupted run says what it ran with.

@@ -106,6 +106,6 @@ def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers
         drop_last=not streaming,
         num_workers=num_workers,
         collate_fn=collate_cached if cached else collate_examples,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not streaming,  # a stream's workers re-copy it for set_epoch
         generator=torch.Generator().manual_seed(seed),
     )
