@@ -3,12 +3,12 @@
 Generator (autoencoder) loss, with sums over pixels / latent dims and means over the batch:
     rec   = pixel_weight * |x - x_rec|^p + lpips_weight * LPIPS(x, x_rec)        (per pixel; p = 1 or 2)
     nll   = sum(rec / exp(s) + s)                                                 (s: learned log-variance)
-With lpips_weight = 0 and pixel_weight = 1, nll is the negative log-likelihood of a Laplace decoder with
-scale exp(s) (p = 1), or twice that of a Gaussian decoder with variance exp(s) (p = 2), up to constants.
     L_G   = -E[D(x_rec)]                                                          (hinge, generator side)
     loss  = nll + kl_weight * KL(q(z|x) || N(0, I)) + disc_weight * lambda * c(step) * L_G
 with lambda the adaptive weight at the decoder's last layer and c(step) = disc_factor once
 step >= disc_start, else 0. The discriminator minimizes c(step) * hinge(D(x), D(x_rec)).
+With lpips_weight = 0 and pixel_weight = 1, nll is the negative log-likelihood of a Laplace decoder with
+scale exp(s) (p = 1), or twice that of a Gaussian decoder with variance exp(s) (p = 2), up to constants.
 """
 
 from __future__ import annotations
