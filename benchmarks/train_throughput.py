@@ -84,25 +84,32 @@ PEAK_TFLOPS = {
 }
 
 
+def benchmark_unet(cfg, vae):
+    """The U-Net `train_diffusion` builds for `cfg` on `vae` (eps prediction: as many channels out as in)."""
+    from ldm.training.trainer import latent_size
+    from ldm.unet import build_unet
+
+    channels = vae.config.latent_channels
+    return build_unet(
+        cfg.unet,
+        in_channels=channels,
+        out_channels=channels,
+        cross_attention_dim=cfg.text_encoder.hidden_size,
+        sample_size=latent_size(cfg, vae),
+    )
+
+
 def unet_training_flops_per_image(vae_dir: Path, batch: int = 4) -> float:
     """FLOPs of one U-Net forward + backward per image at the benchmark's settings (counted on the CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldm.training.trainer import load_vae
-    from ldm.unet import build_unet
 
     cfg = experiment(vae_dir, steps=1, cached=True)
     vae = load_vae(cfg.autoencoder)
-    size = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    channels = vae.config.latent_channels
-    unet = build_unet(
-        cfg.unet,
-        in_channels=channels,
-        out_channels=channels,
-        cross_attention_dim=cfg.text_encoder.hidden_size,
-        sample_size=size,
-    )
-    latents = torch.randn(batch, channels, size, size)
+    unet = benchmark_unet(cfg, vae)
+    size = unet.config.sample_size
+    latents = torch.randn(batch, unet.config.in_channels, size, size)
     context = torch.randn(batch, cfg.text_encoder.max_length, cfg.text_encoder.hidden_size)
     with FlopCounterMode(display=False) as counter:
         unet(latents, torch.randint(0, 1000, (batch,)), context).sample.square().mean().backward()
@@ -137,24 +144,13 @@ def run_reference(vae_dir: Path, steps: int) -> dict[str, float]:
     from conditioning import TextEncoder
     from ldm.data import build_dataset, collate_examples
     from ldm.training.trainer import load_vae
-    from ldm.unet import build_unet
 
     cfg = experiment(vae_dir, steps, cached=False)
     torch.manual_seed(cfg.train.seed)
     device = bench_device()  # where Accelerate puts our trainer
     vae = load_vae(cfg.autoencoder).to(device).eval().requires_grad_(False)
     text_encoder = TextEncoder.from_config(cfg.text_encoder).to(device)  # frozen, eval
-    unet = (
-        build_unet(
-            cfg.unet,
-            in_channels=vae.config.latent_channels,
-            out_channels=vae.config.latent_channels,
-            cross_attention_dim=text_encoder.hidden_size,
-            sample_size=cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
-        )
-        .to(device)
-        .train()
-    )
+    unet = benchmark_unet(cfg, vae).to(device).train()
     scheduler = DDPMScheduler.from_config(cfg.noise.to_scheduler_config())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay)

@@ -93,7 +93,7 @@ def train_diffusion(
         lr=tc.lr,
         betas=tc.adam_betas,
         weight_decay=tc.weight_decay,
-        fused=device.type == "cuda",  # one kernel for all parameters; CPU has no fused AdamW
+        fused=device.type == "cuda",  # one kernel for all parameters; the CPU keeps the foreach default
     )
     model, opt = accelerator.prepare(denoiser, opt)
     loader = prepare_loader(accelerator, loader)  # a stream splits itself across ranks and workers
