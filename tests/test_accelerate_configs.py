@@ -87,20 +87,19 @@ def test_slurm_script_is_valid_bash():
 
 
 def run_slurm_script(tmp_path: Path, *args: str, node_id: int = 1) -> subprocess.CompletedProcess:
-    """Run the batch script as node `node_id` of a 2-node job with 4 GPUs each; `accelerate` prints its args."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
+    """Run the batch script as node `node_id` of a 2-node job with 4 GPUs each; `accelerate` prints its args.
+
+    The stand-ins are exported bash functions, not script files: executing a file this process has just
+    written can fail with "Text file busy" when any thread forks while the file is open for writing.
+    """
     stubs = {
         "scontrol": 'printf "gpu-node-a\\ngpu-node-b\\n"',
         # srun runs the command here, as node STUB_NODEID would (srun sets SLURM_NODEID per node).
         "srun": 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=$STUB_NODEID exec "$@"',
         "accelerate": 'printf "%s\\n" "$@"',
     }
-    for name, body in stubs.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n", encoding="utf-8")
-        (bin_dir / name).chmod(0o755)
-    env = os.environ | {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    env = os.environ | {f"BASH_FUNC_{name}%%": f"() {{ {body}\n}}" for name, body in stubs.items()}
+    env |= {
         "SLURM_JOB_NODELIST": "gpu-node-[a-b]",
         "SLURM_NNODES": "2",
         "SLURM_NODEID": "0",  # the batch step runs on node 0; only srun's tasks see their own node id
@@ -134,7 +133,9 @@ def test_slurm_script_launches_each_node_with_its_rank_and_the_main_address(tmp_
 
     (out / "checkpoints" / "step_0000100").mkdir(parents=True)
     (out / "checkpoints" / "step_0000100" / "trainer_state.json").write_text('{"step": 100}', encoding="utf-8")
-    resumed = launched_args(run_slurm_script(tmp_path, *ldm_args, node_id=0).stdout)
+    proc = run_slurm_script(tmp_path, *ldm_args, node_id=0)
+    assert proc.returncode == 0, proc.stderr
+    resumed = launched_args(proc.stdout)
     assert resumed[resumed.index("--machine_rank") + 1] == "0"
     assert resumed[-2:] == ["--resume", "latest"]  # a requeued job continues from its checkpoint
 

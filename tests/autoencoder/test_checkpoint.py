@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -111,6 +112,46 @@ def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator):
                 guard.end_step(step)
         else:
             guard.end_step(step)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; a test that changes its precision starts and ends clean
+    (as accelerate's own test cases do)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_an_fp16_overflow_skips_the_update_and_halves_the_loss_scale(clip, fresh_accelerate_state):
+    # Accelerate makes a GradScaler only on a GPU; this sets up the state it makes there (native AMP, fp16,
+    # a scaler the prepared optimizer steps through) around a real CPU GradScaler.
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model = nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    guard = NonFiniteGuard(limit=3)
+    weights = model.weight.detach().clone()
+
+    loss = model(torch.ones(1, 2)).sum() * 1e38  # finite, but its scaled gradient overflows
+    accelerator.backward(loss)
+    guard.watch("net", loss)
+    assert not guard.apply(accelerator, "net", opt, model.parameters(), clip)
+    guard.end_step(1)
+    assert accelerator.scaler.get_scale() == 512.0 and torch.equal(model.weight, weights)
+    assert (guard.total, guard.streak) == (1, 1)
+
+    loss = model(torch.ones(1, 2)).sum()  # d loss / d weight = (1, 1)
+    accelerator.backward(loss)
+    guard.watch("net", loss)
+    assert guard.apply(accelerator, "net", opt, model.parameters(), clip)
+    guard.end_step(2)
+    # The update used the unscaled gradient (clipped to norm 1 when asked); the scale is kept.
+    step = 0.1 * (torch.ones(1, 2) / 2**0.5 if clip else torch.ones(1, 2))
+    torch.testing.assert_close(weights - model.weight.detach(), step)
+    assert accelerator.scaler.get_scale() == 512.0 and (guard.total, guard.streak) == (1, 0)
 
 
 def test_sigterm_during_training_becomes_a_stop_request_and_the_old_handler_comes_back(accelerator):
