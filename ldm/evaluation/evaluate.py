@@ -16,7 +16,7 @@ from autoencoder.model import KLAutoencoder
 from ldm.data import collate_examples
 from ldm.data.shapes import ShapesDataset
 from ldm.evaluation.bound import heldout_latent_bound
-from ldm.evaluation.fidelity import FidelityPrompts, SamplingSettings, chance_accuracy, prompt_fidelity
+from ldm.evaluation.fidelity import FidelityPrompts, SweepPoint, chance_accuracy, prompt_fidelity
 from ldm.evaluation.machine import describe_machine
 from ldm.evaluation.pretrained import pretrained_scores, reconstruction_fid
 from ldm.evaluation.probe import AttributeProbe, ProbeConfig, accuracy, load_or_train_probe, shapes_tensors
@@ -83,10 +83,10 @@ def evaluate_model(
 
     guidance_rows = []
     for w in cfg.guidance_scales:
-        settings = SamplingSettings(w, cfg.guidance_sweep_steps, "ddim", cfg.seed)
+        settings = SweepPoint(w, cfg.guidance_sweep_steps, "ddim", cfg.seed)
         guidance_rows.append(_row(settings, prompt_fidelity(pipeline, probe, prompts, settings), f"{w:g}"))
-    step_settings = [SamplingSettings(default_w, n, "ddim", cfg.seed) for n in cfg.ddim_steps]
-    step_settings.append(SamplingSettings(default_w, cfg.ddpm_steps, "ddpm", cfg.seed))
+    step_settings = [SweepPoint(default_w, n, "ddim", cfg.seed) for n in cfg.ddim_steps]
+    step_settings.append(SweepPoint(default_w, cfg.ddpm_steps, "ddpm", cfg.seed))
     step_rows = [
         _row(s, prompt_fidelity(pipeline, probe, prompts, s), f"{s.sampler}\n{s.num_inference_steps}")
         for s in step_settings
@@ -138,5 +138,5 @@ def reconstruction_probe_accuracy(
     return accuracy(probe, reconstructions, labels)
 
 
-def _row(settings: SamplingSettings, accuracy: dict[str, float], tick: str) -> dict[str, Any]:
+def _row(settings: SweepPoint, accuracy: dict[str, float], tick: str) -> dict[str, Any]:
     return {"label": settings.label(), "tick": tick, "settings": asdict(settings), "accuracy": accuracy}

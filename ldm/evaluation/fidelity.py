@@ -32,13 +32,16 @@ class FidelityPrompts:
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
+class SweepPoint:
+    """One point of the evaluation's sweep: a guidance scale, a sampler and its steps, and the seed of its images."""
+
     guidance_scale: float
     num_inference_steps: int
     sampler: str = "ddim"
     seed: int = 0
 
     def label(self) -> str:
+        """How the report names this point, e.g. "ddim 50 steps, w=4"."""
         return f"{self.sampler} {self.num_inference_steps} steps, w={self.guidance_scale:g}"
 
 
@@ -47,7 +50,7 @@ def prompt_fidelity(
     pipeline: LatentDiffusionPipeline,
     probe: AttributeProbe,
     prompts: FidelityPrompts,
-    settings: SamplingSettings,
+    settings: SweepPoint,
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Per-attribute accuracy of the generated images against their prompts, the share with colour, shape and
