@@ -1,8 +1,8 @@
-"""Stage 1: the KL-regularized autoencoder (a diffusers AutoencoderKL), its losses and its trainer.
+"""Stage 1: the KL-regularized autoencoder (a diffusers AutoencoderKL), its losses and its metrics.
 
-This package imports torch, diffusers, lpips and accelerate only; it is handed data loaders and
-never imports `ldm`. The configs import instantly; the rest loads on first use, so a command line
-that only parses its config stays fast.
+What stage 1 *is*; `ldm.training.train_autoencoder` trains it on the shared training runtime. This package
+imports torch, diffusers and lpips only and never imports `ldm`. The configs import instantly; the rest
+loads on first use, so a command line that only parses its config stays fast.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from autoencoder.config import AutoencoderConfig, LossConfig, ModelConfig, TrainConfig
+from autoencoder.config import LossConfig, ModelConfig
 
 _LAZY = {
     "AutoencoderLoss": "autoencoder.loss",
@@ -22,10 +22,9 @@ _LAZY = {
     "build_vae": "autoencoder.model",
     "lpips_backbone_available": "autoencoder.perceptual",
     "require_lpips_backbone": "autoencoder.perceptual",
-    "train_autoencoder": "autoencoder.trainer",
 }
 
-__all__ = ["AutoencoderConfig", "LossConfig", "ModelConfig", "TrainConfig", *_LAZY]
+__all__ = ["LossConfig", "ModelConfig", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

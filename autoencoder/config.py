@@ -1,12 +1,13 @@
-"""Typed configs for the autoencoder: the network, its loss and its training run (pure dataclasses).
+"""Typed configs for the autoencoder: the network and its loss (pure dataclasses).
 
 The defaults are the CPU quickstart (shapes at 32x32, f = 4); configs/autoencoder_sd_f8_256.yaml is the
-GPU-sized variant. `ldm` loads YAML into these; this package does not read files itself.
+GPU-sized variant. `ldm` loads YAML into these (with the `train:` and `data:` sections of a stage-1 run,
+`ldm.training.AutoencoderExperimentConfig`); this package does not read files itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 LPIPS_NETS = ("vgg", "alex", "squeeze")
@@ -85,50 +86,3 @@ class LossConfig:
     def use_discriminator(self) -> bool:
         """Whether a discriminator is built and trained at all."""
         return self.disc_weight > 0 and self.disc_factor > 0
-
-
-@dataclass
-class TrainConfig:
-    """The optimization run: steps, batch, optimizers, precision and how often to log, sample and save."""
-
-    seed: int = 0
-    steps: int = 2500  # optimizer steps (each one is grad_accum micro-batches)
-    batch_size: int = 16  # per process, per micro-batch
-    grad_accum: int = 1
-    lr: float = 2e-3
-    disc_lr: float = 2e-4
-    adam_betas: tuple[float, float] = (0.5, 0.9)  # CompVis' GAN-friendly betas, for both optimizers
-    warmup_steps: int = 50
-    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from lr down to lr / 10 at the last step
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    num_workers: int = 0
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
-    log_every: int = 25
-    sample_every: int = 1000
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3  # the newest complete checkpoints kept; older ones go once a new one is complete
-    max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (updates skipped) before stopping
-    eval_samples: int = 1000  # held-out images for the final metrics
-    scale_samples: int = 512  # images whose latents set the scaling factor
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every")
-        positive += ("keep_checkpoints", "max_nonfinite_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.disc_lr <= 0:
-            raise ValueError("lr and disc_lr: must be positive")
-        if self.warmup_steps < 0 or self.num_workers < 0 or self.num_threads < 0:
-            raise ValueError("warmup_steps, num_workers and num_threads: must be >= 0")
-        if self.eval_samples < 1 or self.scale_samples < 1:
-            raise ValueError("eval_samples and scale_samples: must be at least 1")
-
-
-@dataclass
-class AutoencoderConfig:
-    """Everything the autoencoder trainer needs besides the data."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)

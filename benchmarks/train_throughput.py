@@ -86,7 +86,7 @@ PEAK_TFLOPS = {
 
 def benchmark_unet(cfg, vae):
     """The U-Net `train_diffusion` builds for `cfg` on `vae` (eps prediction: as many channels out as in)."""
-    from ldm.training.trainer import latent_size
+    from ldm.training.diffusion_stage import latent_size
     from ldm.unet import build_unet
 
     channels = vae.config.latent_channels
@@ -103,7 +103,7 @@ def unet_training_flops_per_image(vae_dir: Path, batch: int = 4) -> float:
     """FLOPs of one U-Net forward + backward per image at the benchmark's settings (counted on the CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm.training.trainer import load_vae
+    from ldm.training.diffusion_stage import load_vae
 
     cfg = experiment(vae_dir, steps=1, cached=True)
     vae = load_vae(cfg.autoencoder)
@@ -143,7 +143,7 @@ def run_reference(vae_dir: Path, steps: int) -> dict[str, float]:
 
     from conditioning import TextEncoder
     from ldm.data import build_dataset, collate_examples
-    from ldm.training.trainer import load_vae
+    from ldm.training.diffusion_stage import load_vae
 
     cfg = experiment(vae_dir, steps, cached=False)
     torch.manual_seed(cfg.train.seed)

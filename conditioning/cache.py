@@ -8,17 +8,14 @@ a cache made by a different encoder is never used silently.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from conditioning.cache_file import cache_file_fingerprint, read_cache_file, write_cache_file
 from conditioning.text_encoder import TextEmbeddings, TextEncoder
 from conditioning.tokenizer import validate_prompts
 
@@ -98,45 +95,28 @@ class TextEmbeddingCache:
     ) -> TextEmbeddingCache:
         """The cache at `path` if it was made by `encoder` and holds every caption; otherwise rebuild it."""
         captions = validate_prompts(list(captions), name="captions")
-        if Path(path).is_file():
+        # The header alone says whether the cache is stale, so a stale cache's tensors are never read.
+        if cache_file_fingerprint(path, CACHE_FORMAT) == encoder.fingerprint():
             cache = cls._read(path)
             missing = sum(c not in cache for c in set(captions))
-            if cache.fingerprint != encoder.fingerprint():
-                logger.info("%s: made by a different text encoder; rebuilding", path)
-            elif missing:
-                logger.info("%s: %d captions are not cached; rebuilding", path, missing)
-            else:
+            if not missing:
                 return cache
+            logger.info("%s: %d captions are not cached; rebuilding", path, missing)
+        elif Path(path).is_file():
+            logger.info("%s: made by a different text encoder (or an older cache format); rebuilding", path)
         return cls.build(encoder, captions, path, batch_size)
 
     def save(self, path: str | Path) -> None:
         """Write the cache as one safetensors file (written to a temp name, then renamed, so never half-written)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Captions travel as a UTF-8 JSON byte tensor: the safetensors header has a size cap, tensors do not.
-        captions = torch.frombuffer(
-            bytearray(json.dumps(self.captions, ensure_ascii=False).encode()), dtype=torch.uint8
-        )
-        tensors = {"hidden_states": self.hidden_states, "pooled": self.pooled, "captions_json": captions}
-        metadata = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "num_captions": str(len(self))}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        tensors = {"hidden_states": self.hidden_states, "pooled": self.pooled}
+        extra = {"num_captions": str(len(self))}
+        write_cache_file(path, tensors, self.captions, CACHE_FORMAT, self.fingerprint, extra)
 
     @classmethod
     def _read(cls, path: str | Path) -> TextEmbeddingCache:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no text-embedding cache here; build one with TextEmbeddingCache.build")
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != CACHE_FORMAT:
-            raise ValueError(
-                f"{path}: not a text-embedding cache (format {metadata.get('format')!r}, expected {CACHE_FORMAT!r})"
-            )
-        tensors = load_file(path)
-        captions = json.loads(tensors["captions_json"].numpy().tobytes().decode())
-        return cls(captions, tensors["hidden_states"], tensors["pooled"], metadata["fingerprint"])
+        remedy = "build one with TextEmbeddingCache.build"
+        file = read_cache_file(path, CACHE_FORMAT, "text-embedding cache", remedy)
+        return cls(file.strings, file.tensors["hidden_states"], file.tensors["pooled"], file.fingerprint)
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -1,4 +1,8 @@
-"""Content fingerprints: a hash that changes whenever the text embeddings could change."""
+"""Content fingerprints: hashes that change whenever what a frozen module computes could change.
+
+`hash_weights` is the one way a module's weights are hashed; `weights_fingerprint` (the VAE behind the
+latent cache) and `text_encoder_fingerprint` (the text-embedding cache) both build on it.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,13 @@ def hash_weights(module: nn.Module, digest: Any) -> None:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         # Hash the raw bytes through a uint8 view: bfloat16 has no numpy equivalent.
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def weights_fingerprint(module: nn.Module, extra: Any = None) -> str:
+    """sha256 over `extra` (as sorted-key JSON; e.g. the data settings) followed by `hash_weights(module)`."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    hash_weights(module, digest)
+    return digest.hexdigest()
 
 
 def config_identity(config: PretrainedConfig) -> dict[str, Any]:

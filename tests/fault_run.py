@@ -3,8 +3,8 @@
 Deterministic on the CPU (one thread, torch.use_deterministic_algorithms), and able to stop at a known
 point: with --block-after STEP, the first training batch drawn once checkpoints/step_STEP exists writes
 the file --marker and waits (for --release to appear, or forever), so a test can signal or kill it there.
-Stage 1 runs through `ldm train-autoencoder` (the command line, its messages included); stage 2 through
-`train_diffusion`. Usage: python tests/fault_run.py {autoencoder|diffusion} OUT_DIR [options].
+Both stages run through the command line (`ldm train-autoencoder` / `ldm train-diffusion`, their messages
+included). Usage: python tests/fault_run.py {autoencoder|diffusion} OUT_DIR [options].
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 def block_after(step: int, out: Path, marker: Path, release: Path | None) -> None:
     """Make the next batch drawn after checkpoint `step` is complete write `marker` and wait."""
-    from autoencoder import training_state
-    from autoencoder.checkpoint import STATE_FILE, step_folder
+    from ldm.training import training_state
+    from ldm.training.checkpoint import STATE_FILE, step_folder
 
     draw = training_state.DataStream.__next__
     done = False
@@ -52,25 +52,27 @@ def autoencoder_args(out: Path, steps: int, every: int) -> list[str]:
     return ["train-autoencoder", "--output-dir", str(out), *sets]
 
 
-def diffusion_config(vae: Path, steps: int, every: int):  # -> DiffusionExperimentConfig
-    """A stage-2 run on 16 px shapes: 32 images in batches of 8 (4 per epoch), EMA and caption dropout on."""
-    from conditioning import TextEncoderConfig
-    from ldm.data import DataConfig
-    from ldm.training import DiffusionExperimentConfig, DiffusionTrainConfig, ValidationConfig
-    from ldm.unet import UNetConfig
+def diffusion_args(out: Path, steps: int, every: int, vae: Path) -> list[str]:
+    """`ldm train-diffusion` on 16 px shapes: 32 images in batches of 8 (4 per epoch), EMA, caption dropout and
+    the text encoder trained with the U-Net (the CPU default), so a resume restores both networks and the EMA."""
+    settings = {
+        "autoencoder": vae, "data.resolution": 16, "data.num_samples": 32, "data.heldout_samples": 8,
+        "text_encoder.hidden_size": 32, "text_encoder.num_layers": 1, "text_encoder.num_heads": 2,
+        "text_encoder.intermediate_size": 64, "text_encoder.max_length": 16,
+        "unet.block_out_channels": "[32,32]", "unet.cross_attention": "[true,true]", "unet.attention_head_dim": 16,
+        "train.steps": steps, "train.batch_size": 8, "train.warmup_steps": 2, "train.sample_every": 1000,
+        "train.checkpoint_every": every, "train.log_every": 1, "train.num_threads": 1, "train.lr": 1e-3,
+        "validation.prompts": "[a red circle]", "validation.images_per_prompt": 1, "validation.num_inference_steps": 2,
+    }  # fmt: skip
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    return ["train-diffusion", "--output-dir", str(out), *sets]
 
-    train = DiffusionTrainConfig(
-        steps=steps, batch_size=8, warmup_steps=2, sample_every=1000, checkpoint_every=every, log_every=1,
-        num_threads=1, lr=1e-3,
-    )  # fmt: skip
-    return DiffusionExperimentConfig(
-        autoencoder=str(vae),
-        data=DataConfig(resolution=16, num_samples=32, heldout_samples=8),
-        text_encoder=TextEncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=16),
-        unet=UNetConfig(block_out_channels=(32, 32), cross_attention=(True, True), attention_head_dim=16),
-        train=train,
-        validation=ValidationConfig(prompts=["a red circle"], images_per_prompt=1, num_inference_steps=2),
-    )
+
+def stage_args(stage: str, out: Path, steps: int, every: int, vae: Path | None = None) -> list[str]:
+    """The `ldm` arguments of a tiny run of `stage` ("autoencoder" or "diffusion", which needs `vae`)."""
+    if stage == "autoencoder":
+        return autoencoder_args(out, steps, every)
+    return diffusion_args(out, steps, every, vae)
 
 
 def main() -> int:
@@ -92,16 +94,10 @@ def main() -> int:
     torch.use_deterministic_algorithms(True)
     if args.block_after is not None:
         block_after(args.block_after, args.out, args.marker, args.release)
-    if args.stage == "autoencoder":
-        from ldm.cli import main as ldm_main
+    from ldm.cli import main as ldm_main
 
-        resume = ["--resume", args.resume] if args.resume else []
-        return ldm_main([*autoencoder_args(args.out, args.steps, args.checkpoint_every), *resume])
-    from ldm.training import train_diffusion
-
-    metrics = train_diffusion(diffusion_config(args.vae, args.steps, args.checkpoint_every), args.out, args.resume)
-    print("stopped_by:", metrics.get("stopped_by"), flush=True)
-    return 0
+    resume = ["--resume", args.resume] if args.resume else []
+    return ldm_main([*stage_args(args.stage, args.out, args.steps, args.checkpoint_every, args.vae), *resume])
 
 
 # Helpers for the tests that drive this script.

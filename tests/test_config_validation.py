@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from ldm.cli import main
-from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
 from ldm.config import ConfigError, load_config
-from ldm.training import DiffusionExperimentConfig
+from ldm.training import AutoencoderExperimentConfig, DiffusionExperimentConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 AUTOENCODER_YAML = CONFIGS / "autoencoder_shapes_cpu.yaml"
@@ -32,7 +31,7 @@ def vae_f4(tmp_path):
         ("train.steps=many", "train.steps: expected an integer, got 'many'"),
         ("train.lr=fast", "train.lr: expected a number"),
         ("loss.lpips_net=resnet", "loss.lpips_net: 'resnet' is not one of"),
-        ("train.batch_size=0", "batch_size: must be at least 1"),
+        ("train.batch_size=0", "batch_size: must be >= 1, got 0"),
         ("data.resolution=30", "data.resolution: 30 is not a multiple of the autoencoder's downsampling factor f=4"),
         ("data.resolution=34", "f=4 (model.block_out_channels has 3 levels); use a multiple of 4"),
     ],

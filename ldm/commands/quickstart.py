@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
-    from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
-    from ldm.training import DiffusionExperimentConfig
+    from ldm.training import AutoencoderExperimentConfig, DiffusionExperimentConfig
 
 DEFAULT_OUTPUT_DIR = "runs/quickstart"
 
@@ -47,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
-    from ldm.training import DiffusionExperimentConfig
+    from ldm.training import AutoencoderExperimentConfig, DiffusionExperimentConfig
 
     run_quickstart(Path(args.output_dir), args.seed, AutoencoderExperimentConfig(), DiffusionExperimentConfig())
     return 0
@@ -65,17 +63,16 @@ def run_quickstart(
     output), then a grid drawn from the saved folder; prints the summary, returns the grid's path."""
     import torch
 
-    from ldm.commands.train_autoencoder import run_autoencoder_training
     from ldm.images import save_image_grid
     from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.training import train_diffusion
+    from ldm.training import train_autoencoder, train_diffusion
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     print(f"[1/3] autoencoder -> {out / 'autoencoder'}", flush=True)
     ae_cfg.train.seed = seed
-    ae_metrics = _completed(run_autoencoder_training(ae_cfg, out / "autoencoder"), "train-autoencoder")
+    ae_metrics = _completed(train_autoencoder(ae_cfg, out / "autoencoder"), "train-autoencoder")
     timings["autoencoder"] = time.perf_counter() - start
 
     print(f"[2/3] diffusion model -> {out / 'pipeline'}", flush=True)

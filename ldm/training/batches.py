@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from autoencoder.posterior import DiagonalGaussian
 from conditioning import TextEmbeddingCache, TextEncoder, drop_captions
+from conditioning.fingerprint import weights_fingerprint
 from ldm.data import collate_examples
-from ldm.training.latent_cache import LatentCache, module_fingerprint
+from ldm.training.latent_cache import LatentCache
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def build_train_dataset(
     if cache_dir is None:
         return dataset, None, 0.0
     start = time.perf_counter()
-    fingerprint = module_fingerprint(vae, {"data": asdict(data_settings), "size": len(dataset)})  # type: ignore[arg-type]
+    fingerprint = weights_fingerprint(vae, {"data": asdict(data_settings), "size": len(dataset)})  # type: ignore[arg-type]
 
     def encode_moments(x: Tensor) -> Tensor:
         return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters
@@ -95,17 +97,22 @@ def build_train_dataset(
     return latents, captions.to(device), time.perf_counter() - start
 
 
-def make_loader(dataset: Dataset | IterableDataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """A shuffling loader (map-style) or a streaming one; full batches only, so every step sees batch_size."""
-    cached = isinstance(dataset, LatentCache)
-    streaming = isinstance(dataset, IterableDataset)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=not streaming,
-        drop_last=not streaming,
-        num_workers=num_workers,
-        collate_fn=collate_cached if cached else collate_examples,
-        persistent_workers=num_workers > 0 and not streaming,  # a stream's workers re-copy it for set_epoch
-        generator=torch.Generator().manual_seed(seed),
-    )
+def collate_for(dataset: Dataset | IterableDataset) -> Callable[[list[Any]], dict[str, Any]]:
+    """How the loader stacks items of `dataset`: cached moments, or images."""
+    return collate_cached if isinstance(dataset, LatentCache) else collate_examples
+
+
+def cacheable(cfg: Any, dataset: Dataset | IterableDataset) -> bool:
+    """Whether the run (a DiffusionExperimentConfig) uses the latent + text caches: asked for, and the data is
+    a fixed, unaugmented set."""
+    if not cfg.train.cache_latents:
+        return False
+    if isinstance(dataset, IterableDataset):
+        logger.info("train.cache_latents: streaming data (%s) is encoded on every step", cfg.data.source)
+        return False
+    if cfg.data.random_flip or not cfg.data.center_crop:
+        raise ValueError(
+            "train.cache_latents: the cache stores one view per image, but data.random_flip / a random crop "
+            "make a new view every epoch; set train.cache_latents=false or turn the augmentation off"
+        )
+    return True

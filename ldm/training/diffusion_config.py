@@ -3,12 +3,13 @@ process, the loss, the optimization and the validation samples. Defaults are the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
 
 from conditioning import TextEncoderConfig
 from ldm.data import DataConfig
+from ldm.model_folder import SamplingDefaults, vae_downsampling_factor
 from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.training.config import TrainConfig
 from ldm.unet import UNetConfig
 
 DEFAULT_VALIDATION_PROMPTS = [
@@ -41,70 +42,50 @@ class DiffusionLossConfig:
 
 
 @dataclass
-class DiffusionTrainConfig:
-    """Optimization (AdamW, warmup + cosine LR, clipping, EMA), precision, caching and how often to log."""
+class DiffusionTrainConfig(TrainConfig):
+    """The shared `train:` section with stage 2's defaults, plus AdamW's weight decay, EMA, memory and caches."""
 
-    seed: int = 0
-    steps: int = 1800  # optimizer steps (each one is grad_accum micro-batches)
-    batch_size: int = 64  # per process, per micro-batch
-    grad_accum: int = 1
+    steps: int = 1800
+    batch_size: int = 64
     lr: float = 1e-3
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
-    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: from lr down to 0 at the last step
-    grad_clip: float | None = 1.0  # max global grad norm; null = no clipping
+    min_lr_ratio: float = 0.0  # the cosine ends at 0
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.01
     ema_decay: float = 0.999  # 0 = no EMA (sampling uses the raw weights)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the U-Net
     cache_latents: bool = True  # encode the dataset once (VAE moments + text embeddings); fixed datasets only
     cache_dir: str | None = None  # where the caches live; null = OUTPUT_DIR/cache
-    num_workers: int = 0
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
-    log_every: int = 25
-    sample_every: int = 1000
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3  # the newest complete checkpoints kept; older ones go once a new one is complete
-    max_nonfinite_steps: int = 10  # steps in a row with a NaN/inf loss or gradient (updates skipped) before stopping
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every")
-        positive += ("keep_checkpoints", "max_nonfinite_steps")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("lr: must be positive; weight_decay: must be >= 0")
-        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ValueError(f"adam_betas: each must be in [0, 1), got {list(self.adam_betas)}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip: must be positive (or null for none), got {self.grad_clip}")
+        super().__post_init__()
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0 or self.num_workers < 0 or self.num_threads < 0:
-            raise ValueError("warmup_steps, num_workers and num_threads: must be >= 0")
 
 
 @dataclass
-class ValidationConfig:
-    """The sample grid written every `train.sample_every` steps and at the end (fixed prompts and seed),
-    and the sampling defaults saved with the model."""
+class ValidationConfig(SamplingDefaults):
+    """The sample grid written every `train.sample_every` steps and at the end (fixed prompts and seed). Its
+    sampling settings are the model folder's `SamplingDefaults`: the exported model recommends them."""
 
+    guidance_scale: float = 4.0
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
     images_per_prompt: int = 4
     seed: int = 0
-    guidance_scale: float = 4.0
-    num_inference_steps: int = 50
-    sampler: Literal["ddim", "ddpm"] = "ddim"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.prompts:
             raise ValueError("prompts: needs at least one prompt")
-        if self.images_per_prompt < 1 or self.num_inference_steps < 1:
-            raise ValueError("images_per_prompt, num_inference_steps: must be >= 1")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale: must be >= 0 (1 = no guidance), got {self.guidance_scale}")
+        if self.images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt: must be >= 1, got {self.images_per_prompt}")
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The sampling settings alone, as the model folder records them."""
+        return SamplingDefaults(**{f.name: getattr(self, f.name) for f in fields(SamplingDefaults)})
 
 
 def _cpu_text_encoder() -> TextEncoderConfig:
@@ -133,8 +114,6 @@ class DiffusionExperimentConfig:
         if not self.autoencoder.strip():
             raise ValueError("autoencoder: give the folder of a trained VAE (e.g. runs/autoencoder/vae)")
         # Checked here, when the config is read, so an impossible size fails before any model is built.
-        from ldm.model_folder import vae_downsampling_factor
-
         factor = vae_downsampling_factor(self.autoencoder)  # None: a hub id or a VAE not trained yet
         if factor is not None:
             latent_grid(self.data.resolution, factor, self.unet, where=f"autoencoder {self.autoencoder}")

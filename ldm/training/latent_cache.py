@@ -3,37 +3,25 @@
 One pass stores each image's q(z | x) as its moments (mean and log-variance, (2C, h, w)) with its caption.
 Training then draws a fresh z = mean + std * eps from them every time an image is seen, exactly as
 encoding on the fly would, without running the encoder again. The file records a fingerprint of the VAE
-weights and of the data settings; a cache made by another VAE or other data is rebuilt, never reused.
+weights and of the data settings (`conditioning.fingerprint.weights_fingerprint`); a cache made by another
+VAE or other data is rebuilt, never reused. The file itself is a `conditioning.cache_file`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from conditioning.cache_file import cache_file_fingerprint, read_cache_file, write_cache_file
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "ldm-latent-cache/1"
-
-
-def module_fingerprint(module: nn.Module, extra: object = None) -> str:
-    """A SHA-256 over a module's parameters and buffers (names, shapes, dtypes, bytes) and `extra` (JSON)."""
-    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 class LatentCache(Dataset):
@@ -94,35 +82,19 @@ class LatentCache(Dataset):
         device: torch.device | str = "cpu",
     ) -> LatentCache:
         """The cache at `path` when its fingerprint matches, else a fresh one built and saved there."""
+        if cache_file_fingerprint(path, CACHE_FORMAT) == fingerprint:  # the header alone decides
+            return cls.load(path)
         if Path(path).is_file():
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            if metadata.get("format") == CACHE_FORMAT and metadata.get("fingerprint") == fingerprint:
-                return cls.load(path)
             logger.info("%s: made by another VAE or other data settings; rebuilding", path)
         return cls.build(encode_moments, dataset, path, fingerprint, batch_size, device)
 
     def save(self, path: str | Path) -> None:
         """Write the cache (to a temporary name, then renamed, so a crash never leaves half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        captions = torch.frombuffer(
-            bytearray(json.dumps(self.captions, ensure_ascii=False).encode()), dtype=torch.uint8
-        )
-        tmp = path.with_name(path.name + ".tmp")
-        metadata = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "num_images": str(len(self))}
-        save_file({"moments": self.moments.contiguous(), "captions_json": captions}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        extra = {"num_images": str(len(self))}
+        write_cache_file(path, {"moments": self.moments}, self.captions, CACHE_FORMAT, self.fingerprint, extra)
 
     @classmethod
     def load(cls, path: str | Path) -> LatentCache:
         """Read a cache written by `save`."""
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != CACHE_FORMAT:
-            raise ValueError(
-                f"{path}: not a latent cache (format {metadata.get('format')!r}, expected {CACHE_FORMAT!r})"
-            )
-        tensors = load_file(str(path))
-        captions = json.loads(tensors["captions_json"].numpy().tobytes().decode())
-        return cls(tensors["moments"], captions, metadata["fingerprint"])
+        file = read_cache_file(path, CACHE_FORMAT, "latent cache", "build one with LatentCache.build")
+        return cls(file.tensors["moments"], file.strings, file.fingerprint)

@@ -1,4 +1,4 @@
-"""Where a run is in its data, and the checkpoint round trip both trainers share.
+"""Where a run is in its data, and the checkpoint round trip of the training runtime.
 
 A resumed run must see exactly the batches the uninterrupted run would have seen next. The position is
 (epoch, batches drawn in it) plus the shuffle generator's state at the epoch's start: resuming replays
@@ -19,29 +19,15 @@ from accelerate import Accelerator
 from accelerate.data_loader import get_sampler, skip_first_batches
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
-from autoencoder.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_folder
-from autoencoder.faults import NonFiniteGuard
+from ldm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_folder
+from ldm.training.faults import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "data_state.safetensors"
 _GENERATOR = "shuffle_generator"
-
-
-def seed_shuffle(loader: Iterable, seed: int) -> None:
-    """Give a shuffling DataLoader without a generator its own, seeded one (call before `prepare`).
-
-    Without one, each epoch's permutation (and the workers' base seed) is drawn from the global torch
-    RNG, interleaved with the training noise, and could not be replayed on resume.
-    """
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(loader, DataLoader) and isinstance(sampler, RandomSampler) and sampler.generator is None:
-        logger.info("train loader: shuffling with a generator seeded by train.seed=%d, so resumes replay it", seed)
-        generator = torch.Generator().manual_seed(seed)
-        sampler.generator = generator
-        loader.generator = generator
 
 
 class DataStream:
@@ -128,13 +114,13 @@ def save_training_state(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """A complete checkpoint of the run at `step` (collective): accelerate's state, the data position,
-    the non-finite counters, and whatever `extra(folder)` writes (the main process writes the files)."""
+    the non-finite counters, and whatever `extra(folder)` writes (the main process writes these files)."""
 
     def write(folder: Path) -> None:
         if accelerator.is_main_process:
             stream.save(folder)
-        if extra is not None:
-            extra(folder)
+            if extra is not None:
+                extra(folder)
 
     return save_checkpoint(accelerator, output_dir, step, write, {"nonfinite": guard.state_dict()}, keep)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from ldm.cli import build_parser
-from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
 from ldm.config import ConfigError, load_config
+from ldm.training import AutoencoderExperimentConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

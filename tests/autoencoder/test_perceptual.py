@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from autoencoder.config import AutoencoderConfig, LossConfig
+import ldm.training.autoencoder_stage as stage_1
+from autoencoder.config import LossConfig
 from autoencoder.perceptual import backbone_weight_path, build_lpips, lpips_backbone_available
-from autoencoder.trainer import train_autoencoder
+from ldm.training import AutoencoderExperimentConfig
 
 
 @pytest.fixture
@@ -26,12 +27,12 @@ def test_missing_backbone_names_the_file_and_both_ways_out(empty_hub):
     assert "lpips_weight=0" in message and "place that file" in message
 
 
-def test_training_with_lpips_stops_at_start_up_without_the_backbone(empty_hub, tmp_path):
-    def no_batches():
+def test_training_with_lpips_stops_at_start_up_without_the_backbone(empty_hub, tmp_path, monkeypatch):
+    def no_data(*args):
         raise AssertionError("training must stop before reading any data")
-        yield
 
-    cfg = AutoencoderConfig(loss=LossConfig(lpips_weight=1.0, lpips_net="alex"))
+    monkeypatch.setattr(stage_1, "build_dataset", no_data)
+    cfg = AutoencoderExperimentConfig(loss=LossConfig(lpips_weight=1.0, lpips_net="alex"))
     with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth"):
-        train_autoencoder(cfg, no_batches(), no_batches(), tmp_path / "run")
+        stage_1.train_autoencoder(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

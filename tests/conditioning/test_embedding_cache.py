@@ -97,3 +97,18 @@ def test_missing_or_foreign_files_are_clear_errors(small_encoder, tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "weights.safetensors")
     with pytest.raises(ValueError, match="not a text-embedding cache"):
         TextEmbeddingCache.load(tmp_path / "weights.safetensors", small_encoder)
+
+
+def test_load_or_build_rebuilds_a_cache_of_another_format_version(small_encoder, cache_path):
+    save_file({"hidden_states": torch.zeros(1)}, cache_path, metadata={"format": "ldm-text-embedding-cache/0"})
+    cache = TextEmbeddingCache.load_or_build(cache_path, small_encoder, CAPTIONS)
+    assert TextEmbeddingCache.load(cache_path, small_encoder).captions == cache.captions
+
+
+def test_load_or_build_decides_staleness_from_the_header_alone(small_encoder, cache_path, monkeypatch):
+    TextEmbeddingCache.build(small_encoder, CAPTIONS, cache_path)
+    other = TextEncoder.from_config(TextEncoderConfig(seed=1))
+    read = []
+    monkeypatch.setattr(TextEmbeddingCache, "_read", classmethod(lambda cls, path: read.append(path)))
+    monkeypatch.setattr(TextEmbeddingCache, "build", classmethod(lambda cls, *args: "rebuilt"))
+    assert TextEmbeddingCache.load_or_build(cache_path, other, CAPTIONS) == "rebuilt" and not read

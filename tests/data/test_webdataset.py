@@ -134,11 +134,14 @@ def test_the_heldout_split_is_read_whole_by_every_rank(shards, tmp_path, monkeyp
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_the_trainers_data_stream_reshuffles_a_stream_every_epoch(shards, num_workers):
-    from autoencoder.training_state import DataStream
-    from ldm.training.batches import make_loader
+    from ldm.training import TrainConfig
+    from ldm.training.loaders import make_loader
+    from ldm.training.training_state import DataStream
 
     per_epoch = NUM_SHARDS * PER_SHARD // 2  # batches of 2
-    stream = DataStream(make_loader(WebDatasetSource(shards, resolution=8, seed=0), 2, num_workers, seed=0))
+    stream_source = WebDatasetSource(shards, resolution=8, seed=0)
+    loader = make_loader(stream_source, TrainConfig(batch_size=2, num_workers=num_workers))
+    stream = DataStream(loader)
     epochs = [[c for _ in range(per_epoch) for c in next(stream)["captions"]] for _ in range(2)]
     assert stream.epoch == 1 and all(set(e) == ALL_CAPTIONS for e in epochs)  # each epoch reads every sample once
     assert epochs[0] != epochs[1]  # in a new shard order

@@ -52,3 +52,31 @@ def tiny_config(tiny_vae_dir):
         )
 
     return make
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """wandb in offline mode, quiet, with its own folders under tmp_path (nothing in ~/.cache or ~/.config)."""
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_ERROR_REPORTING": "false",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("CACHE_DIR", "CONFIG_DIR", "DATA_DIR", "ARTIFACT_DIR"):
+        monkeypatch.setenv(f"WANDB_{name}", str(tmp_path / "wandb_home" / name.lower()))
+
+
+@pytest.fixture
+def train(request, tiny_config):
+    """`train(out, resume=None, **train_settings)`: a tiny in-process run of the stage in `request.param`
+    ("autoencoder" or "diffusion"); parametrize it with indirect=True."""
+    from ldm.training import train_autoencoder, train_diffusion
+    from tests.training.test_train_autoencoder import tiny_config as tiny_autoencoder_config
+
+    if request.param == "autoencoder":
+        return lambda out, resume=None, **tc: train_autoencoder(tiny_autoencoder_config(**tc), out, resume)
+    return lambda out, resume=None, **tc: train_diffusion(tiny_config(**tc), out, resume)

@@ -1,4 +1,5 @@
-"""Both trainers under `accelerate launch` with 2 CPU processes (gloo), then resumed on one process.
+"""Helpers to run a stage under `accelerate launch` with 2 CPU processes (gloo) and check it from the outside
+(the test is `test_trains_on_two_processes_and_resumes_on_one` in test_faults.py).
 
 Each run is checked from the outside: every rank logs (at DEBUG) its own values and the captions of its
 batch; TensorBoard holds what the main process logged; a `sitecustomize` audit hook records every file
@@ -24,14 +25,10 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from autoencoder.checkpoint import TEMP_PREFIX
-from ldm.data import ShapesDataset
-
-pytestmark = pytest.mark.training
+from ldm.training.checkpoint import TEMP_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RES = 16
@@ -75,7 +72,7 @@ if _watch and _log:
     _torch.save = _recording(_torch.save, 1)
 """
 
-RANK_LINE = re.compile(r"autoencoder\.distributed: rank (\d+) step (\d+) (\{.*\})\s*$")
+RANK_LINE = re.compile(r"ldm\.training\.distributed: rank (\d+) step (\d+) (\{.*\})\s*$")
 
 
 def free_port() -> int:
@@ -178,83 +175,3 @@ def write_shards(folder: Path, name: str, shards: int, per_shard: int) -> list[s
                 captions.append(f"{name} {s}-{i}")
                 sink.write({"__key__": f"{s:02d}{i:03d}", "png": png((15 * s, 15 * i, 100)), "txt": captions[-1]})
     return captions
-
-
-def test_autoencoder_trains_on_two_processes_and_resumes_on_one(tmp_path):
-    # Stage 1 on WebDataset shards: 4 shards of 16, so each rank streams 2 shards = 4 batches per epoch.
-    captions = write_shards(tmp_path, "train", shards=4, per_shard=16)
-    write_shards(tmp_path, "heldout", shards=1, per_shard=16)
-    config = {
-        "data": {"source": "webdataset", "resolution": RES, "train_path": str(tmp_path / "train-*.tar")},
-        "model": {"block_out_channels": [8, 8], "latent_channels": 4, "norm_num_groups": 4, "sample_size": RES},
-        "loss": {"lpips_weight": 0.0},
-        "train": {"steps": 6, "batch_size": BATCH, "warmup_steps": 1, "log_every": 1, "sample_every": 2},
-    }
-    config["data"] |= {"heldout_path": str(tmp_path / "heldout-00.tar"), "shuffle_buffer": 8}
-    config["train"] |= {"checkpoint_every": 4, "eval_samples": 16, "scale_samples": 16, "num_threads": 1}
-    (tmp_path / "ae.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    out = tmp_path / "ae"
-    args = ["train-autoencoder", "--config", str(tmp_path / "ae.yaml"), "--output-dir", str(out)]
-
-    proc = run_ldm(args, out, tmp_path, processes=2)
-    records = rank_records(proc.stderr)
-    assert {rank for rank, _ in records} == {0, 1}  # two processes really trained
-    check_reduced(tensorboard_scalars(out, "train/rec"), records, "rec", range(1, 7))
-    check_epoch_split(records, range(1, 5), captions)
-    files = check_main_process_writes(writes(tmp_path, 2), out)
-    for expected in ("config.yaml", "metrics.json", "samples/step_0000002.png", "samples/final.png"):
-        assert expected in files
-    assert "checkpoints/step_0000006/model.safetensors" in files and "vae/config.json" in files
-    assert any(f.startswith("logs/autoencoder/events.out.tfevents") for f in files)
-    assert (out / "checkpoints" / "step_0000006" / "random_states_1.pkl").is_file()
-    assert json.loads((out / "metrics.json").read_text())["num_images"] == 16  # the whole held-out shard
-
-    resumed = run_ldm([*args, "--resume", "latest", "--set", "train.steps=8"], out, tmp_path, processes=1)
-    assert "step_0000006" in resumed.stderr  # accelerate's "Loading states from ...": the 2-process checkpoint
-    steps = sorted(rank_records(resumed.stderr))
-    assert steps == [(0, 7), (0, 8)]  # one process, continuing the step count
-    assert json.loads((out / "metrics.json").read_text())["step"] == 8
-    assert (out / "checkpoints" / "step_0000008" / "trainer_state.json").is_file()
-
-
-def test_diffusion_trains_on_two_processes_and_resumes_on_one(tmp_path, tiny_vae_dir):
-    # Stage 2 on the latent cache of 64 shapes: 2 ranks x 8 = 16 per step, so steps 1-4 are one epoch.
-    config = {
-        "autoencoder": str(tiny_vae_dir),
-        "data": {"source": "shapes", "resolution": RES, "num_samples": 64, "heldout_samples": 8},
-        "text_encoder": {
-            "hidden_size": 32,
-            "num_layers": 1,
-            "num_heads": 2,
-            "intermediate_size": 64,
-            "max_length": 16,
-            "frozen": True,
-        },
-        "unet": {"block_out_channels": [32, 32], "cross_attention": [True, True], "attention_head_dim": 16},
-        "train": {"steps": 6, "batch_size": BATCH, "warmup_steps": 1, "log_every": 1, "sample_every": 2},
-        "validation": {"prompts": ["a red circle"], "images_per_prompt": 1, "num_inference_steps": 2},
-    }
-    config["train"] |= {"checkpoint_every": 4, "num_threads": 1, "ema_decay": 0.9}
-    (tmp_path / "dm.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    out = tmp_path / "dm"
-    args = ["train-diffusion", "--config", str(tmp_path / "dm.yaml"), "--output-dir", str(out)]
-
-    proc = run_ldm(args, out, tmp_path, processes=2)
-    records = rank_records(proc.stderr)
-    assert {rank for rank, _ in records} == {0, 1}
-    check_reduced(tensorboard_scalars(out, "train/loss"), records, "loss", range(1, 7))
-    shapes = ShapesDataset(64, resolution=RES, split="train", seed=0)
-    check_epoch_split(records, range(1, 5), [shapes[i]["caption"] for i in range(len(shapes))])
-    files = check_main_process_writes(writes(tmp_path, 2), out)
-    for expected in ("config.yaml", "metrics.json", "cache/latents.safetensors", "cache/captions.safetensors"):
-        assert expected in files
-    for expected in ("samples/step_0000002.png", "samples/final.png", "checkpoints/step_0000004/ema.safetensors"):
-        assert expected in files
-    assert "pipeline/unet/diffusion_pytorch_model.safetensors" in files
-    assert any(f.startswith("logs/diffusion/events.out.tfevents") for f in files)
-
-    resumed = run_ldm([*args, "--resume", "latest", "--set", "train.steps=8"], out, tmp_path, processes=1)
-    assert "step_0000006" in resumed.stderr
-    assert sorted(rank_records(resumed.stderr)) == [(0, 7), (0, 8)]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert (metrics["step"], metrics["steps_this_run"], metrics["ema_updates"]) == (8, 2, 8)

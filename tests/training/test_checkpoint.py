@@ -12,16 +12,16 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader
 
-from autoencoder.checkpoint import (
+from ldm.commands import resume_command
+from ldm.training.checkpoint import (
     TEMP_PREFIX,
     complete_checkpoints,
     latest_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
-from autoencoder.faults import NonFiniteGuard, StopSignal
-from autoencoder.training_state import DataStream
-from ldm.commands import resume_command
+from ldm.training.faults import NonFiniteGuard, StopSignal
+from ldm.training.training_state import DataStream
 
 
 @pytest.fixture

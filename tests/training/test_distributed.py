@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from autoencoder.distributed import log_rank_step, prepare_loader, reduce_mean
+from ldm.training.distributed import log_rank_step, prepare_loader, reduce_mean
 
 
 class Stream(IterableDataset):
@@ -40,10 +40,10 @@ def test_reduce_mean_on_one_process_keeps_the_values(accelerator):
 
 def test_the_rank_line_is_logged_only_at_debug_level(accelerator, caplog):
     batch = {"captions": ["a red circle", "ein grüner Kreis"]}
-    with caplog.at_level(logging.INFO, logger="autoencoder.distributed"):
+    with caplog.at_level(logging.INFO, logger="ldm.training.distributed"):
         log_rank_step(accelerator, 3, {"loss": torch.tensor(0.5)}, batch)
     assert not caplog.records
-    with caplog.at_level(logging.DEBUG, logger="autoencoder.distributed"):
+    with caplog.at_level(logging.DEBUG, logger="ldm.training.distributed"):
         log_rank_step(accelerator, 3, {"loss": torch.tensor(0.5), "kl": 2.0}, batch)
     rank, step, record = re.fullmatch(r"rank (\d+) step (\d+) (\{.*\})", caplog.records[0].getMessage()).groups()
     assert (rank, step) == ("0", "3")

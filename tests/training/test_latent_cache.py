@@ -1,9 +1,14 @@
+import re
+
+import pytest
 import torch
 from diffusers import AutoencoderKL
+from safetensors.torch import save_file
 
 from autoencoder.posterior import DiagonalGaussian
+from conditioning.fingerprint import weights_fingerprint
 from ldm.data import ShapesDataset
-from ldm.training.latent_cache import LatentCache, module_fingerprint
+from ldm.training.latent_cache import LatentCache
 
 
 def _vae(seed: int = 0) -> AutoencoderKL:
@@ -48,9 +53,9 @@ def test_each_read_draws_a_fresh_latent_from_the_cached_posterior(tmp_path):
 def test_a_cache_from_another_vae_is_rebuilt_not_reused(tmp_path):
     data, path = ShapesDataset(4, resolution=16), tmp_path / "c.safetensors"
     first, second = _vae(0), _vae(1)
-    fp1, fp2 = module_fingerprint(first, {"data": 1}), module_fingerprint(second, {"data": 1})
-    assert fp1 != fp2 and fp1 == module_fingerprint(_vae(0), {"data": 1})
-    assert fp1 != module_fingerprint(first, {"data": 2})
+    fp1, fp2 = weights_fingerprint(first, {"data": 1}), weights_fingerprint(second, {"data": 1})
+    assert fp1 != fp2 and fp1 == weights_fingerprint(_vae(0), {"data": 1})
+    assert fp1 != weights_fingerprint(first, {"data": 2})
     LatentCache.load_or_build(path, _encoder(first), data, fp1)
     rebuilt = LatentCache.load_or_build(path, _encoder(second), data, fp2)
     assert rebuilt.fingerprint == fp2
@@ -58,3 +63,15 @@ def test_a_cache_from_another_vae_is_rebuilt_not_reused(tmp_path):
         expected = second.encode(torch.stack([data[i]["pixel_values"] for i in range(4)])).latent_dist.parameters
     torch.testing.assert_close(rebuilt.moments, expected, atol=1e-5, rtol=1e-5)
     assert LatentCache.load_or_build(path, lambda x: 1 / 0, data, fp2).fingerprint == fp2  # reused, not re-encoded
+
+
+def test_a_cache_of_another_format_is_rebuilt_by_load_or_build_and_refused_by_load(tmp_path):
+    data, path = ShapesDataset(4, resolution=16), tmp_path / "c.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"no latent cache here; build one with LatentCache\.build"):
+        LatentCache.load(path)
+    save_file({"moments": torch.zeros(4, 8, 8, 8)}, path, metadata={"format": "ldm-latent-cache/0"})
+    expected = "not a latent cache (format 'ldm-latent-cache/0', expected 'ldm-latent-cache/1')"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        LatentCache.load(path)
+    rebuilt = LatentCache.load_or_build(path, _encoder(_vae()), data, "fp")
+    assert LatentCache.load(path).fingerprint == rebuilt.fingerprint == "fp"

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from autoencoder.config import LossConfig, ModelConfig, TrainConfig
+from autoencoder.config import LossConfig, ModelConfig
 from ldm import LatentDiffusionPipeline
 from ldm.commands.quickstart import run_quickstart
-from ldm.commands.train_autoencoder import AutoencoderExperimentConfig
 from ldm.data import DataConfig
+from ldm.training import AutoencoderExperimentConfig, AutoencoderTrainConfig
 
 pytestmark = pytest.mark.training
 
@@ -17,7 +17,7 @@ def test_both_stages_train_save_reload_and_sample(tiny_config, tmp_path, capsys)
     ae_cfg = AutoencoderExperimentConfig(
         model=ModelConfig(block_out_channels=(16, 16), latent_channels=4, norm_num_groups=8, sample_size=16),
         loss=LossConfig(),
-        train=TrainConfig(steps=30, batch_size=16, eval_samples=16, scale_samples=32, num_threads=1),
+        train=AutoencoderTrainConfig(steps=30, batch_size=16, eval_samples=16, scale_samples=32, num_threads=1),
         data=data,
     )
     ldm_cfg = tiny_config(steps=30)

@@ -7,26 +7,28 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Dataset
 
-from autoencoder.config import AutoencoderConfig, LossConfig, ModelConfig, TrainConfig
+import ldm.training.autoencoder_stage as stage_1
+from autoencoder.config import LossConfig, ModelConfig
 from autoencoder.model import KLAutoencoder, build_vae
-from autoencoder.trainer import train_autoencoder
-from ldm.data import ShapesDataset, collate_examples
+from ldm.data import DataConfig, ShapesDataset, collate_examples
+from ldm.training import AutoencoderExperimentConfig, AutoencoderTrainConfig, train_autoencoder
 
 RES = 16
 
 
-def tiny_config(**train: object) -> AutoencoderConfig:
+def tiny_config(loss: LossConfig | None = None, **train: object) -> AutoencoderExperimentConfig:
+    """Stage 1 on 320 shapes at 16 px (64 held out), a 2-level autoencoder."""
     model = ModelConfig(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, sample_size=RES)
     settings = {"steps": 60, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "log_every": 10}
     settings |= {"sample_every": 20, "checkpoint_every": 20, "eval_samples": 64, "scale_samples": 64, "num_threads": 1}
-    return AutoencoderConfig(model=model, loss=LossConfig(), train=TrainConfig(**(settings | train)))
+    data = DataConfig(resolution=RES, num_samples=320, heldout_samples=64)
+    train_cfg = AutoencoderTrainConfig(**(settings | train))
+    return AutoencoderExperimentConfig(model=model, loss=loss or LossConfig(), train=train_cfg, data=data)
 
 
-def loaders(batch_size: int = 16) -> tuple[DataLoader, DataLoader]:
-    torch.manual_seed(0)
-    train = DataLoader(ShapesDataset(320, RES, "train"), batch_size, shuffle=True, collate_fn=collate_examples)
-    heldout = DataLoader(ShapesDataset(64, RES, "heldout"), batch_size, collate_fn=collate_examples)
-    return train, heldout
+def heldout_loader() -> DataLoader:
+    """The held-out split the trainer evaluates on."""
+    return DataLoader(ShapesDataset(64, RES, "heldout"), 16, collate_fn=collate_examples)
 
 
 def heldout_mse(vae: AutoencoderKL, heldout: DataLoader) -> float:
@@ -39,12 +41,11 @@ def heldout_mse(vae: AutoencoderKL, heldout: DataLoader) -> float:
 
 @pytest.mark.training
 def test_tiny_autoencoder_learns_shapes_and_exports_a_diffusers_vae(tmp_path):
-    cfg = tiny_config()
-    train, heldout = loaders()
+    cfg, heldout = tiny_config(), heldout_loader()
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before building the network
     init_mse = heldout_mse(build_vae(cfg.model), heldout)
 
-    result = train_autoencoder(cfg, train, heldout, tmp_path)
+    result = train_autoencoder(cfg, tmp_path)
 
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
@@ -77,18 +78,20 @@ class CountingDataset(Dataset):
 
 
 @pytest.mark.training
-def test_resume_latest_continues_the_step_count_with_the_discriminator(tmp_path):
+def test_resume_latest_continues_the_step_count_with_the_discriminator(tmp_path, monkeypatch):
     gan = LossConfig(disc_weight=0.5, disc_start=2, disc_channels=8, disc_layers=2)
-    first = AutoencoderConfig(tiny_config().model, gan, tiny_config(steps=4, checkpoint_every=2).train)
-    train, heldout = loaders(batch_size=8)
-    result = train_autoencoder(first, train, heldout, tmp_path)
+    first = tiny_config(gan, steps=4, checkpoint_every=2, batch_size=8)
+    result = train_autoencoder(first, tmp_path)
     assert result["step"] == 4
     saved = (tmp_path / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
 
-    second = AutoencoderConfig(first.model, gan, tiny_config(steps=6, checkpoint_every=2).train)
-    counting = CountingDataset(train.dataset)
-    train = DataLoader(counting, 8, shuffle=True, collate_fn=collate_examples)
-    result = train_autoencoder(second, train, heldout, tmp_path, resume="latest")
+    second = tiny_config(gan, steps=6, checkpoint_every=2, batch_size=8)
+    counting = CountingDataset(ShapesDataset(320, RES, "train"))
+    real_build = stage_1.build_dataset
+    monkeypatch.setattr(
+        stage_1, "build_dataset", lambda cfg, split: counting if split == "train" else real_build(cfg, split)
+    )
+    result = train_autoencoder(second, tmp_path, resume="latest")
     assert result["step"] == 6
     scale_batches = second.train.scale_samples // 8  # the scaling factor reads its images from the train loader
     # Two more optimizer steps (accelerate's prepared loader reads one batch ahead), then the scale pass over
@@ -99,6 +102,5 @@ def test_resume_latest_continues_the_step_count_with_the_discriminator(tmp_path)
 
 
 def test_resume_latest_without_checkpoints_is_an_error(tmp_path):
-    train, heldout = loaders()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        train_autoencoder(tiny_config(), train, heldout, tmp_path, resume="latest")
+        train_autoencoder(tiny_config(), tmp_path, resume="latest")

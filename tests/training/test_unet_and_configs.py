@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ldm.config import ConfigError, load_config, to_dict
-from ldm.training.config import DiffusionExperimentConfig
+from ldm.training import DiffusionExperimentConfig
 from ldm.unet import UNetConfig, build_unet
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

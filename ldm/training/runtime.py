@@ -1,0 +1,235 @@
+"""The one training loop both stages run on.
+
+A stage (`ldm/training/autoencoder_stage.py`, `ldm/training/diffusion_stage.py`) supplies what is its own:
+its step (a batch in, one `Update` per optimizer out), its sample grid, any extra checkpoint state and its
+export. Everything else is here, written once: the accelerator, seeding per rank, the recorded config, the
+data position, the LR schedule, gradient accumulation, the non-finite guard, stop signals, the progress bar,
+when to log / sample / checkpoint, the stop path, the end-of-run barrier and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ldm.config import save_config, to_dict
+from ldm.training.config import TrainConfig
+from ldm.training.distributed import log_rank_step, reduce_mean
+from ldm.training.faults import NonFiniteGuard, StopSignal
+from ldm.training.tracking import accelerator_log_with, start_tracking
+from ldm.training.training_state import DataStream, load_training_state, save_training_state, stopped_early
+
+logger = logging.getLogger(__name__)
+
+RECENT_STEPS = 100  # metrics.json reports each headline value averaged over the run's last this-many steps
+
+
+@dataclass
+class Update:
+    """One optimizer's share of a training step: its loss is backpropagated and, where gradients sync,
+    the optimizer steps at `base_lr` times the schedule (unless the guard skips a non-finite update)."""
+
+    name: str  # names the update in the guard's warnings: "autoencoder", "discriminator", "unet"
+    loss: Tensor  # a scalar
+    optimizer: torch.optim.Optimizer
+    parameters: Iterable[nn.Parameter]  # whose gradient norm is checked (and clipped to train.grad_clip)
+    base_lr: float
+    logs: Mapping[str, float | Tensor] = field(default_factory=dict)  # this process's values, before reduction
+
+
+class Stage(Protocol):
+    """What a stage gives the runtime. Every method but `updates` runs outside the hot loop."""
+
+    name: str  # the tracker's project and the progress bar's label
+    headline: tuple[str, ...]  # log keys shown on the progress bar and averaged into metrics.json
+    models: Sequence[nn.Module]  # the prepared models; gradient accumulation spans them
+
+    def updates(self, batch: Any, step: int) -> Iterator[Update]:
+        """The step's updates, in order; each is applied before the next is computed."""
+
+    def after_step(self, applied: Mapping[str, bool]) -> None:
+        """Called once per optimizer step with which updates happened (e.g. to update an EMA)."""
+
+    def write_samples(self, path: Path) -> None:
+        """Write a PNG grid (main process only)."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write what the checkpoint holds beyond models, optimizers and RNGs (main process only)."""
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what `save_state` wrote."""
+
+    def export(self, output_dir: Path) -> dict[str, Any]:
+        """Write the trained model (main process only); returns the stage's metrics."""
+
+
+def start_run(cfg: Any, tc: TrainConfig, output_dir: Path, project: str) -> Accelerator:
+    """The run's accelerator and tracker, every rank seeded apart (its own noise, timesteps, caption
+    dropout), and the resolved config recorded up front so even an interrupted run says what it ran with."""
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum,
+        log_with=accelerator_log_with(tc.log_with),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(tc.seed, device_specific=True)  # seed + rank; models are identical anyway (DDP broadcasts rank 0's)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+    start_tracking(accelerator, tc.log_with, project, to_dict(cfg), output_dir / "logs")
+    return accelerator
+
+
+def learning_rate_factor(step: int, tc: TrainConfig) -> float:
+    """The LR at `step` as a fraction of the base LR: a linear warmup over warmup_steps, then constant, or
+    a cosine from 1 down to min_lr_ratio at the last step. A function of the step alone, so a resumed run
+    continues the schedule exactly."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group of `optimizer` to `lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class TrainLoop:
+    """Runs a stage from step 0 (or a checkpoint) to train.steps: a loop of named steps, the details below it."""
+
+    def __init__(self, accelerator: Accelerator, stage: Stage, loader: Iterable, tc: TrainConfig, output_dir: Path):
+        self.accelerator, self.stage, self.tc, self.out = accelerator, stage, tc, output_dir
+        self.batches = DataStream(loader)
+        self.guard = NonFiniteGuard(tc.max_nonfinite_steps)
+        self.step = 0
+        self.logs: dict[str, float | Tensor] = {}  # the last step's, this process's
+        self.recent: deque[dict[str, float | Tensor]] = deque(maxlen=RECENT_STEPS)
+
+    def run(self, resume: str | None = None) -> dict[str, Any]:
+        """Train, export, and return the metrics (also in metrics.json); after a stop signal, the checkpoint."""
+        if resume:
+            self.resume(resume)  # last before the loop: it sets the RNGs
+        first_step, start = self.step, time.perf_counter()
+        progress = tqdm(total=self.tc.steps, initial=self.step, desc=self.stage.name, disable=not self.is_main)
+        with StopSignal() as signals, progress:
+            while self.step < self.tc.steps:
+                if not self.run_step():
+                    continue  # a micro-batch of gradient accumulation; the optimizers have not stepped
+                progress.update(1)
+                self.log(progress)
+                self.sample()
+                stop = signals.requested(self.accelerator)
+                if stop or (self.guard.healthy and self.checkpoint_due()):
+                    self.save()
+                if stop:
+                    return stopped_early(self.accelerator, self.out, self.step, signals.received)
+        return self.finish(first_step, time.perf_counter() - start)
+
+    def run_step(self) -> bool:
+        """One micro-batch: each update's backward pass and, where gradients sync, its guarded optimizer step.
+        True when that completed an optimizer step."""
+        batch = next(self.batches)
+        logs: dict[str, float | Tensor] = {}
+        applied: dict[str, bool] = {}
+        accelerator, lr_factor = self.accelerator, learning_rate_factor(self.step, self.tc)
+        with accelerator.accumulate(*self.stage.models), accelerator.autocast():
+            for update in self.stage.updates(batch, self.step):
+                accelerator.backward(update.loss)
+                self.guard.watch(update.name, update.loss)
+                if accelerator.sync_gradients:
+                    set_learning_rate(update.optimizer, update.base_lr * lr_factor)
+                    applied[update.name] = self.guard.apply(
+                        accelerator, update.name, update.optimizer, update.parameters, self.tc.grad_clip
+                    )
+                logs |= update.logs
+        log_rank_step(accelerator, self.step + 1, logs, batch)
+        if not accelerator.sync_gradients:
+            return False
+        self.step += 1
+        self.guard.end_step(self.step)  # raises after train.max_nonfinite_steps skipped updates in a row
+        self.stage.after_step(applied)
+        self.logs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}
+        self.recent.append({k: v for k, v in self.logs.items() if k in self.stage.headline})
+        return True
+
+    def log(self, progress: tqdm) -> None:
+        """Every train.log_every steps: the step's values averaged over processes, to the tracker and the bar."""
+        if self.step % self.tc.log_every:
+            return
+        logged = reduce_mean(self.accelerator, {k: float(v) for k, v in self.logs.items()})  # every process joins
+        progress.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k in self.stage.headline})
+        extra = {"train/lr": self.lr, "train/nonfinite_steps": self.guard.total}
+        self.accelerator.log({f"train/{k}": v for k, v in logged.items()} | extra, step=self.step)
+
+    def sample(self) -> None:
+        """Every train.sample_every steps, the stage's sample grid (main process)."""
+        if self.step % self.tc.sample_every == 0 and self.is_main:
+            self.stage.write_samples(self.out / "samples" / f"step_{self.step:07d}.png")
+
+    def checkpoint_due(self) -> bool:
+        """Whether the schedule asks for a checkpoint at this step (every train.checkpoint_every, and the last)."""
+        return self.step % self.tc.checkpoint_every == 0 or self.step == self.tc.steps
+
+    def save(self) -> None:
+        """A complete, atomic checkpoint of this step (every process takes part)."""
+        keep, extra = self.tc.keep_checkpoints, self.stage.save_state
+        save_training_state(self.accelerator, self.out, self.step, self.batches, self.guard, keep, extra)
+
+    def resume(self, resume: str) -> None:
+        """Continue from checkpoint `resume` ("latest" or a folder): weights, RNGs, data position, stage state."""
+        self.step, folder = load_training_state(self.accelerator, self.out, resume, self.batches, self.guard)
+        self.stage.load_state(folder)
+
+    def finish(self, first_step: int, train_seconds: float) -> dict[str, Any]:
+        """After the last step: the stage's export and the run's metrics (main process), then the end barrier."""
+        self.accelerator.wait_for_everyone()
+        recent = reduce_mean(self.accelerator, self.recent_means())  # every process joins
+        metrics: dict[str, Any] = {}
+        if self.is_main:
+            steps = self.step - first_step
+            images = steps * self.tc.batch_size * self.tc.grad_accum * self.accelerator.num_processes
+            metrics = {"step": self.step, "steps_this_run": steps, "lr": self.lr, "nonfinite_steps": self.guard.total}
+            metrics |= {f"{key}_last_{RECENT_STEPS}_steps": value for key, value in recent.items()}
+            metrics["train_seconds"] = round(train_seconds, 1)
+            metrics["images_per_second"] = round(images / train_seconds, 1) if train_seconds > 0 else None
+            metrics |= self.stage.export(self.out)
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            logger.info("%s done: %s", self.stage.name, json.dumps(metrics))
+        self.accelerator.end_training()
+        return metrics
+
+    def recent_means(self) -> dict[str, float]:
+        """Each headline value averaged over the last RECENT_STEPS steps it was logged in (this process)."""
+        means = {}
+        for key in self.stage.headline:
+            values = [float(logs[key]) for logs in self.recent if key in logs]
+            if values:
+                means[key] = sum(values) / len(values)
+        return means
+
+    @property
+    def lr(self) -> float:
+        """The scheduled LR of the last completed step, at train.lr."""
+        return self.tc.lr * learning_rate_factor(max(0, self.step - 1), self.tc)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
