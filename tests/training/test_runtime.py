@@ -83,3 +83,26 @@ def test_log_with_none_writes_no_logs(train, tmp_path):
     metrics = train(tmp_path, steps=2, checkpoint_every=2, sample_every=100, log_with="none")
     assert metrics["step"] == 2
     assert not (tmp_path / "logs").exists()
+
+
+def test_every_rank_draws_its_own_random_stream(tmp_path, monkeypatch):
+    """Both stages seed rank r with train.seed + r (stage 1 once seeded every rank alike)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from ldm.training.runtime import start_run
+
+    Accelerator(cpu=True)  # the process state start_run's Accelerator then reuses
+    draws = {}
+    for rank in (0, 1):
+        for state in (PartialState, AcceleratorState):  # as `accelerate launch` would set it on rank r
+            monkeypatch.setitem(state._shared_state, "process_index", rank)
+        for cfg in (AutoencoderExperimentConfig(), DiffusionExperimentConfig(autoencoder="unused")):
+            cfg.train.seed, cfg.train.log_with = 7, "none"
+            start_run(cfg, cfg.train, tmp_path / f"rank{rank}", "run")
+            assert torch.initial_seed() == 7 + rank
+            draws[rank, type(cfg).__name__] = torch.randn(4)
+    assert torch.equal(draws[0, "AutoencoderExperimentConfig"], draws[0, "DiffusionExperimentConfig"])
+    assert not torch.equal(draws[0, "AutoencoderExperimentConfig"], draws[1, "AutoencoderExperimentConfig"])
+    assert (tmp_path / "rank0" / "config.yaml").is_file() and not (tmp_path / "rank1").exists()  # main process only
