@@ -29,20 +29,14 @@ from ldm.training.runtime import TrainLoop, Update, start_run
 
 
 def train_autoencoder(
-    cfg: AutoencoderExperimentConfig,
-    output_dir: str | Path,
-    resume: str | None = None,
-    perceptual: nn.Module | None = None,
+    cfg: AutoencoderExperimentConfig, output_dir: str | Path, resume: str | None = None
 ) -> dict[str, Any]:
     """Train on `cfg.data`, evaluate on its held-out split, and export OUTPUT_DIR/vae/ (diffusers, with
-    scaling_factor); returns the metrics also written to OUTPUT_DIR/metrics.json.
-
-    `resume` is "latest" or a checkpoint folder. `perceptual` overrides the LPIPS network (tests only); by
-    default it is built from the config, and start-up fails before any work if its pretrained backbone is missing.
-    """
+    scaling_factor); returns the metrics also written to OUTPUT_DIR/metrics.json. `resume` is "latest" or a
+    checkpoint folder."""
     out = Path(output_dir)
-    if perceptual is None and cfg.loss.lpips_weight > 0:
-        perceptual = build_lpips(cfg.loss.lpips_net)
+    # Built first: without its pretrained backbone, LPIPS stops the run before any work.
+    perceptual = build_lpips(cfg.loss.lpips_net) if cfg.loss.lpips_weight > 0 else None
     accelerator = start_run(cfg, cfg.train, out, "autoencoder")
     train_loader = make_loader(build_dataset(cfg.data, "train"), cfg.train)
     heldout_loader = make_loader(build_dataset(cfg.data, "heldout"), cfg.train, shuffle=False)

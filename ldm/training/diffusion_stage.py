@@ -8,7 +8,6 @@ uniform t), the EMA of the trained weights, the validation grid, and the export 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,6 @@ from ldm.training.ema import EMA
 from ldm.training.loaders import make_loader
 from ldm.training.runtime import TrainLoop, Update, start_run
 from ldm.unet import build_unet
-
-logger = logging.getLogger(__name__)
 
 EMA_FILE = "ema.safetensors"
 

@@ -51,7 +51,7 @@ class Update:
 
 
 class Stage(Protocol):
-    """What a stage gives the runtime. Every method but `updates` runs outside the hot loop."""
+    """What a stage gives the runtime. `updates` and `after_step` run every step; the rest at their intervals."""
 
     name: str  # the tracker's project and the progress bar's label
     headline: tuple[str, ...]  # log keys shown on the progress bar and averaged into metrics.json
