@@ -63,15 +63,29 @@ def ddim_step(
     if threshold is not None:
         pred_x0 = threshold(pred_x0)
         pred_eps = diffusion.eps_from_x0(x_t, t, pred_x0)
-    abar_t = diffusion.gather(diffusion.coef.alphas_cumprod, t, x_t)
-    abar_prev = diffusion.gather(diffusion.coef.alphas_cumprod_prev, t, x_t)
-    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-    x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * pred_eps
+    x0_coef, eps_coef, sigma = ddim_coefficients(diffusion, t, eta, x_t)
+    x_prev = x0_coef * pred_x0 + eps_coef * pred_eps
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_step with eta > 0 needs noise")
         x_prev = x_prev + sigma * noise
     return x_prev, pred_x0
+
+
+def ddim_coefficients(
+    diffusion: GaussianDiffusion, t: torch.Tensor, eta: float, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2) and sigma at t, shaped to broadcast against `like`.
+
+    Formed from the float64 arrays and cast once to like's dtype: in bf16, 1 - abar_t / abar_prev and
+    1 - abar_prev - sigma^2 cancel to negative numbers near t = 0, and their square roots are NaN.
+    """
+    abar_t = diffusion.coef.alphas_cumprod.to(t.device)[t]  # (B,) float64
+    abar_prev = diffusion.coef.alphas_cumprod_prev.to(t.device)[t]
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
+    eps_coef = (1 - abar_prev - sigma**2).clamp(min=0).sqrt()
+    shape = (t.shape[0], *([1] * (like.ndim - 1)))
+    return tuple(c.to(like.dtype).reshape(shape) for c in (abar_prev.sqrt(), eps_coef, sigma))
 
 
 def sampling_chain(
