@@ -12,7 +12,9 @@ How bad input is handled (`strict=False`, the default):
   characters and kept (the image is fine, only the caption has lost characters);
 - an image that is missing, unreadable, truncated or empty: skipped, with path and reason;
 - a missing, null or empty caption: the empty string (an unconditional example), counted.
-With `strict=True` each of the first three is an error naming the file (and line) instead.
+With `strict=True` each of the first three is an error naming the file (and line) instead, and so is a
+folder without `metadata.jsonl` (otherwise every image is used with an empty caption: fine for stage 1, which
+reads no captions; stage 2 refuses such a folder, see `has_captions`).
 
 Where skips are found: with `verify=True` (the default) every image is decoded once at construction, in
 the main process, so the summary is complete before training starts and identical in every worker.
@@ -111,6 +113,7 @@ class ImageFolderDataset(Dataset):
         if verify:
             rows = self._drop_unreadable(rows)
         self.records: list[tuple[Path, str | list[str]]] = rows
+        self.has_captions = (self.root / METADATA_FILE).is_file()  # False: every caption is "" (no metadata.jsonl)
         self._summary.kept = len(rows)
         if not rows:
             raise ValueError(f"image folder {self.root}: no usable images\n{self._summary.format()}")
@@ -145,6 +148,11 @@ class ImageFolderDataset(Dataset):
         """(path, caption) rows from metadata.jsonl, or every image file with an empty caption if there is none."""
         metadata = self.root / METADATA_FILE
         if not metadata.is_file():
+            if self.strict:
+                raise FileNotFoundError(
+                    f"{metadata}: not found (strict mode); add one JSON line per image "
+                    '({"file_name": ..., "text": ...}), or set data.strict: false to use the images without captions'
+                )
             logger.warning("%s not found: using every image under %s, without captions", metadata, self.root)
             files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
             self._summary.missing_captions = len(files)

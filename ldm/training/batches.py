@@ -24,6 +24,7 @@ from autoencoder.posterior import DiagonalGaussian
 from conditioning import TextEmbeddingCache, TextEncoder, drop_captions
 from conditioning.fingerprint import weights_fingerprint
 from ldm.data import collate_examples
+from ldm.data.image_folder import METADATA_FILE
 from ldm.training.latent_cache import LatentCache
 
 logger = logging.getLogger(__name__)
@@ -116,3 +117,14 @@ def cacheable(cfg: Any, dataset: Dataset | IterableDataset) -> bool:
             "make a new view every epoch; set train.cache_latents=false or turn the augmentation off"
         )
     return True
+
+
+def require_captions(dataset: Dataset | IterableDataset) -> None:
+    """Stop a text-to-image run whose image folder has no captions, before it silently trains unconditionally."""
+    if getattr(dataset, "has_captions", True):
+        return
+    folder = getattr(dataset, "root", "the image folder")
+    raise ValueError(
+        f"data.train_path: {folder} has no {METADATA_FILE}, so every caption would be empty and the run would "
+        'learn an unconditional model; add the captions (one JSON line per image: {"file_name": ..., "text": ...})'
+    )

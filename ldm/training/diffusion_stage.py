@@ -22,7 +22,7 @@ from ldm.data import build_dataset
 from ldm.diffusion import GaussianDiffusion, training_losses
 from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.training.batches import LatentBatches, build_train_dataset, cacheable, collate_for
+from ldm.training.batches import LatentBatches, build_train_dataset, cacheable, collate_for, require_captions
 from ldm.training.denoiser import Denoiser
 from ldm.training.diffusion_config import DiffusionExperimentConfig, latent_grid
 from ldm.training.distributed import prepare_loader
@@ -48,8 +48,9 @@ def train_diffusion(
     """
     out, tc = Path(output_dir), cfg.train
     accelerator = start_run(cfg, tc, out, "diffusion")
-    nets = build_networks(cfg, accelerator.device)
     dataset = build_dataset(cfg.data, "train")
+    require_captions(dataset)
+    nets = build_networks(cfg, accelerator.device)
     cache_dir = (Path(tc.cache_dir) if tc.cache_dir else out / "cache") if cacheable(cfg, dataset) else None
     dataset, text_cache, cache_seconds = build_train_dataset(
         dataset, nets.vae, nets.text_encoder, cfg.data, cache_dir, accelerator.device, accelerator.main_process_first

@@ -223,6 +223,13 @@ def test_folder_without_metadata_uses_every_image_unconditionally(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     ds = ImageFolderDataset(tmp_path, RES)
     assert len(ds) == 1 and ds[0]["caption"] == "" and ds.summary().missing_captions == 1
+    assert not ds.has_captions
+
+
+def test_strict_mode_needs_the_metadata_file(tmp_path):
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(tmp_path / "a.png")
+    with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl: not found \(strict mode\).*data\.strict: false"):
+        ImageFolderDataset(tmp_path, RES, strict=True)
 
 
 def test_build_dataset_reads_folders_and_names_missing_keys(messy_folder):

@@ -102,3 +102,19 @@ def test_a_resolution_the_unet_cannot_halve_is_refused(tiny_config, tmp_path):
     cfg.data.resolution = 18  # 9x9 latents: the 2-level U-Net cannot halve 9
     with pytest.raises(ValueError, match=r"data\.resolution"):
         train_diffusion(cfg, tmp_path / "run")
+
+
+def test_an_image_folder_without_captions_stops_a_text_to_image_run(tiny_config, tmp_path):
+    from PIL import Image
+
+    from ldm.data import DataConfig
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(folder / f"{i}.png")
+    cfg = tiny_config()
+    cfg.data = DataConfig(source="imagefolder", resolution=16, train_path=str(folder))
+    with pytest.raises(ValueError, match=r"images has no metadata\.jsonl, so every caption would be empty"):
+        train_diffusion(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "cache").exists()
