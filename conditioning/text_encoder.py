@@ -124,12 +124,17 @@ class TextEncoder(nn.Module):
     def set_frozen(self, frozen: bool) -> None:
         """Freeze (eval mode, requires_grad False) or unfreeze (train mode, requires_grad True) the encoder.
 
-        Unfrozen, the token-embedding table still stays fixed when `config.train_token_embedding` is False.
+        Unfrozen, the token-embedding table still stays fixed when `config.train_token_embedding` is False, and
+        so do the last `clip_skip` layers: their output is never used, so they would get no gradient, which
+        DistributedDataParallel rejects as unused parameters.
         """
         self.config = dataclasses.replace(self.config, frozen=frozen)
         self.model.requires_grad_(not frozen)
         if not frozen and not self.config.train_token_embedding:
             self.model.get_input_embeddings().requires_grad_(False)
+        if not frozen and self.config.clip_skip > 0:
+            for layer in self.model.encoder.layers[-self.config.clip_skip :]:
+                layer.requires_grad_(False)
         self.train(not frozen)
         self._uncond = None
 

@@ -157,3 +157,20 @@ def test_negative_prompt_replaces_the_empty_prompt(small_encoder):
 def test_bad_prompts_are_errors_naming_the_argument(small_encoder, prompts, error, message):
     with pytest.raises(error, match=message):
         small_encoder.encode(prompts)
+
+
+def test_a_trained_encoder_with_clip_skip_gives_every_trainable_parameter_a_gradient():
+    # DistributedDataParallel stops a run whose trainable parameters get no gradient; with clip_skip = 1 the last
+    # layer's output is never used, so that layer must not count as trained.
+    config = TextEncoderConfig(frozen=False, clip_skip=1, num_layers=2, hidden_size=32, num_heads=2)
+    encoder = TextEncoder.from_config(config)
+    encoder.encode(PROMPTS).square().mean().backward()
+    trainable = {name: p for name, p in encoder.model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None for p in trainable.values()), [
+        name for name, p in trainable.items() if p.grad is None
+    ]
+    assert not any(p.requires_grad for p in encoder.model.encoder.layers[-1].parameters())
+    assert all(p.requires_grad for p in encoder.model.encoder.layers[0].parameters())
+    encoder.set_frozen(True)
+    encoder.set_frozen(False)  # unfreezing again keeps the skipped layer out
+    assert not any(p.requires_grad for p in encoder.model.encoder.layers[-1].parameters())
