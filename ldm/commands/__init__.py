@@ -22,6 +22,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     )
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, for commands that run a model."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
+
+
+def resolve_device(name: str | None) -> str:
+    """The --device to run on: `name` if torch knows it, else CommandError; None means cuda if available."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as err:
+        raise CommandError(f"--device: {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps): {err}") from err
+    return name
+
+
 def resume_command(args: argparse.Namespace, output_dir: str) -> str:
     """The `ldm` command line that continues the run `args` started from its latest checkpoint."""
     line = ["ldm", args.command, *(["--config", args.config] if args.config else []), "--output-dir", output_dir]

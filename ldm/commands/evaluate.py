@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ldm.commands import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `evaluate` to the `ldm` command line."""
@@ -22,17 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--seed", type=int, default=0)
     add("--clip-model", default=None, metavar="PATH", help="local CLIPModel folder: adds the CLIP score")
     add("--inception-weights", default=None, metavar="PATH", help="torch-fidelity Inception weights: adds FID/rFID")
+    add_device_argument(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ldm.commands import CommandError
+    from ldm.commands import CommandError, resolve_device
     from ldm.evaluation import EvaluationConfig, evaluate_model
     from ldm.model_folder import check_model_folder
 
-    model = Path(args.model)
+    model, device = Path(args.model), resolve_device(args.device)
     try:  # before any work: a missing component would otherwise surface deep inside the evaluation
         check_model_folder(model)
     except (FileNotFoundError, ValueError) as err:
@@ -48,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CommandError(str(err)) from err
     out = Path(args.output_dir) if args.output_dir else model.parent / "evaluation"
-    evaluate_model(model, out, cfg)
+    evaluate_model(model, out, cfg, device=device)
     for name in ("metrics.json", "report.md", "fidelity_vs_guidance.png", "fidelity_vs_steps.png", "samples.png"):
         print(out / name)
     return 0

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ldm.commands import add_device_argument
+
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
     from PIL.Image import Image
     from torch import Tensor
@@ -38,21 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: 1)")
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_device_argument(parser)
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--trajectory", action="store_true", help="also write the x_T -> x_0 strip per prompt")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ldm.commands import CommandError
+    from ldm.commands import CommandError, resolve_device
     from ldm.pipeline import LatentDiffusionPipeline
 
     if args.num_images < 1:
         raise CommandError(f"--num-images: must be >= 1, got {args.num_images}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:  # a bad folder or option is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device)
         settings = pipe.resolve_settings(

@@ -88,3 +88,27 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
     report = (out / "report.md").read_text()
     assert "| ddpm 1000" not in report and "ddpm 4 steps" in report
     assert "rFID unavailable" in report and "CLIP score unavailable" in report
+
+
+@pytest.mark.parametrize(
+    ("argument", "cuda", "expected"), [([], True, "cuda"), ([], False, "cpu"), (["--device", "cpu"], True, "cpu")]
+)
+def test_evaluate_runs_on_the_device_asked_for_or_the_gpu(tmp_path, monkeypatch, argument, cuda, expected):
+    import ldm.evaluation
+    from ldm.cli import main
+
+    model = tiny_pipeline().save_pretrained(tmp_path / "model")
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(ldm.evaluation, "evaluate_model", lambda model, out, cfg, device: devices.append(device))
+    assert main(["evaluate", "--model", str(model), *argument]) == 0
+    assert devices == [expected]
+
+
+def test_evaluate_names_a_bad_device_before_any_work(tmp_path, capsys):
+    from ldm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--model", str(tmp_path / "missing"), "--device", "gpu0"])
+    assert info.value.code == 2
+    assert "ldm evaluate: error: --device: 'gpu0' is not a torch device" in capsys.readouterr().err

@@ -70,6 +70,7 @@ def test_generate_writes_images_grid_and_trajectory_strips(model_folder, tmp_pat
         (["--steps", "0"], "num_inference_steps: must be a positive int"),
         (["--height", "10"], "height: must be a positive multiple of 4"),
         (["--num-images", "0"], "--num-images: must be >= 1"),
+        (["--device", "gpu0"], "--device: 'gpu0' is not a torch device"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model_folder, tmp_path, capsys, extra, message):
