@@ -20,8 +20,14 @@ logger = logging.getLogger(__name__)
 
 def any_process(accelerator: Accelerator, flag: bool | Tensor) -> bool:
     """Whether `flag` holds on at least one process (a collective: every rank must call it)."""
-    value = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device).reshape(1)
-    return bool(accelerator.reduce(value, "sum").item() > 0)
+    return any_processes(accelerator, flag)[0]
+
+
+def any_processes(accelerator: Accelerator, *flags: bool | Tensor) -> list[bool]:
+    """For each flag, whether it holds on at least one process, in one collective (every rank must call it)."""
+    device = accelerator.device
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
+    return [bool(v > 0) for v in accelerator.reduce(values, "sum").tolist()]
 
 
 def grad_norm(accelerator: Accelerator, params: Iterable[nn.Parameter], clip: float | None = None) -> Tensor:
@@ -42,6 +48,10 @@ class NonFiniteGuard:
     """Skips an update whose loss or gradient norm is not finite, counts it, and stops the run after
     `limit` steps in a row with a skipped update.
 
+    Under fp16 loss scaling, a finite loss whose scaled gradient overflows is the scaler's normal search for
+    its scale (it overflows a few times at start-up): the update is skipped and the scale halved, but the
+    step is counted in `overflows`, not as a non-finite step, while the scale is above 1.
+
     Per micro-batch: `watch(name, loss)`; at the step where gradients sync: `apply(...)` steps the
     optimizer or, when anything was non-finite on any process, zeroes its gradients without stepping;
     after the optimizer step: `end_step(step)` counts and raises.
@@ -51,8 +61,10 @@ class NonFiniteGuard:
         self.limit, self.key = limit, key
         self.total = 0  # steps with a skipped update, over the whole run (resumes included)
         self.streak = 0  # ... in a row, up to the last step
+        self.overflows = 0  # fp16 loss-scaler overflows (skipped updates that are not counted above)
         self._bad_loss: dict[str, Tensor] = {}
         self._skipped: list[str] = []
+        self._overflowed = False
 
     def watch(self, name: str, loss: Tensor) -> None:
         """Remember whether the loss of update `name` was non-finite in any micro-batch since its last step."""
@@ -72,12 +84,18 @@ class NonFiniteGuard:
         Returns whether it stepped. Either way the gradients are zeroed.
         """
         norm = grad_norm(accelerator, params, clip)
-        bad = self._bad_loss.pop(name, torch.tensor(False, device=norm.device)) | ~torch.isfinite(norm)
-        skip = any_process(accelerator, bad)
-        if skip:
+        bad_loss = self._bad_loss.pop(name, torch.tensor(False, device=norm.device))
+        bad_loss, bad_grad = any_processes(accelerator, bad_loss, ~torch.isfinite(norm))
+        skip, scaler = bad_loss or bad_grad, accelerator.scaler
+        overflow = skip and scaler is not None and not bad_loss and scaler.get_scale() > 1.0
+        if skip and scaler is not None:  # fp16: back off the scale as the scaler's own skip would
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        if overflow:
+            self.overflows += 1
+            self._overflowed = True
+            logger.info("%s: fp16 gradient overflow, loss scale now %g (update skipped)", name, scaler.get_scale())
+        elif skip:
             self._skipped.append(name)
-            if accelerator.scaler is not None:  # fp16: back off the scale as the scaler's own skip would
-                accelerator.scaler.update(accelerator.scaler.get_scale() * accelerator.scaler.get_backoff_factor())
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -86,8 +104,10 @@ class NonFiniteGuard:
     def end_step(self, step: int) -> None:
         """Count optimizer step `step`; raise RuntimeError once `limit` steps in a row skipped an update."""
         skipped, self._skipped = self._skipped, []
+        overflowed, self._overflowed = self._overflowed, False
         if not skipped:
-            self.streak = 0
+            if not overflowed:  # a step lost to the scaler's search neither breaks nor extends a streak
+                self.streak = 0
             return
         self.total += 1
         self.streak += 1
@@ -109,11 +129,12 @@ class NonFiniteGuard:
 
     def state_dict(self) -> dict[str, int]:
         """The counters, for trainer_state.json."""
-        return {"total": self.total, "streak": self.streak}
+        return {"total": self.total, "streak": self.streak, "overflows": self.overflows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore what `state_dict` returned (an empty dict leaves the counters at zero)."""
         self.total, self.streak = int(state.get("total", 0)), int(state.get("streak", 0))
+        self.overflows = int(state.get("overflows", 0))
 
 
 class StopSignal:

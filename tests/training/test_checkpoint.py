@@ -141,7 +141,8 @@ def test_an_fp16_overflow_skips_the_update_and_halves_the_loss_scale(clip, fresh
     assert not guard.apply(accelerator, "net", opt, model.parameters(), clip)
     guard.end_step(1)
     assert accelerator.scaler.get_scale() == 512.0 and torch.equal(model.weight, weights)
-    assert (guard.total, guard.streak) == (1, 1)
+    # The scaler's normal search for its scale, not a non-finite step: it does not count towards the limit.
+    assert (guard.total, guard.streak, guard.overflows) == (0, 0, 1)
 
     loss = model(torch.ones(1, 2)).sum()  # d loss / d weight = (1, 1)
     accelerator.backward(loss)
@@ -151,7 +152,35 @@ def test_an_fp16_overflow_skips_the_update_and_halves_the_loss_scale(clip, fresh
     # The update used the unscaled gradient (clipped to norm 1 when asked); the scale is kept.
     step = 0.1 * (torch.ones(1, 2) / 2**0.5 if clip else torch.ones(1, 2))
     torch.testing.assert_close(weights - model.weight.detach(), step)
-    assert accelerator.scaler.get_scale() == 512.0 and (guard.total, guard.streak) == (1, 0)
+    assert accelerator.scaler.get_scale() == 512.0 and (guard.total, guard.streak, guard.overflows) == (0, 0, 1)
+
+
+def test_fp16_start_up_overflows_do_not_stop_the_run_but_nan_losses_and_a_scale_of_1_count(fresh_accelerate_state):
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = nn.Linear(2, 1, bias=False)
+    model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1e-40))
+    guard = NonFiniteGuard(limit=3)
+
+    def step(number: int, loss_factor: float) -> bool:
+        loss = model(torch.ones(1, 2)).sum() * loss_factor
+        accelerator.backward(loss)
+        guard.watch("net", loss)
+        stepped = guard.apply(accelerator, "net", opt, model.parameters())
+        guard.end_step(number)  # raises once 3 steps in a row are non-finite
+        return stepped
+
+    # The forward runs in fp16 (max 65504): a gradient of 1000 x scale overflows there until the scale is 64, so
+    # the scaler halves from 2^16 ten times (far over the limit of 3 in a row) before the update goes through.
+    results = [step(n, 1000.0) for n in range(1, 12)]
+    assert results == [False] * 10 + [True] and accelerator.scaler.get_scale() == 64.0
+    assert (guard.total, guard.streak, guard.overflows) == (0, 0, 10)
+
+    assert not step(12, float("nan"))  # a non-finite loss is the data's or the model's fault: counted
+    assert (guard.total, guard.streak) == (1, 1)
+    accelerator.scaler.update(1.0)
+    assert not step(13, 1e5)  # at a scale of 1 an overflowing gradient is no longer the scaler's search
+    assert (guard.total, guard.streak, guard.overflows) == (2, 2, 10)
 
 
 def test_sigterm_during_training_becomes_a_stop_request_and_the_old_handler_comes_back(accelerator):
