@@ -107,13 +107,13 @@ class ImageFolderDataset(Dataset):
         self.strict = strict
         self.caption_column = caption_column
         self._summary = FolderSummary(root=str(self.root))
+        self.has_captions = (self.root / METADATA_FILE).is_file()  # False: every caption is "" (no metadata.jsonl)
         rows = self._read_metadata()
         self._summary.rows = len(rows)
         rows = self._drop_missing_files(rows)
         if verify:
             rows = self._drop_unreadable(rows)
         self.records: list[tuple[Path, str | list[str]]] = rows
-        self.has_captions = (self.root / METADATA_FILE).is_file()  # False: every caption is "" (no metadata.jsonl)
         self._summary.kept = len(rows)
         if not rows:
             raise ValueError(f"image folder {self.root}: no usable images\n{self._summary.format()}")
@@ -147,7 +147,7 @@ class ImageFolderDataset(Dataset):
     def _read_metadata(self) -> list[tuple[Path, str | list[str]]]:
         """(path, caption) rows from metadata.jsonl, or every image file with an empty caption if there is none."""
         metadata = self.root / METADATA_FILE
-        if not metadata.is_file():
+        if not self.has_captions:
             if self.strict:
                 raise FileNotFoundError(
                     f"{metadata}: not found (strict mode); add one JSON line per image "
