@@ -114,7 +114,7 @@ class LatentDiffusionPipeline:
         self.unet = unet.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.noise_schedule = noise_schedule
-        self.diffusion = noise_schedule.build()
+        self.diffusion = noise_schedule.build().to(unet.device)
         self.defaults = defaults or SamplingDefaults()
 
     # ---- sizes ---------------------------------------------------------------------------------------
@@ -147,11 +147,14 @@ class LatentDiffusionPipeline:
         return self.unet.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LatentDiffusionPipeline:
-        """Move (and optionally cast) every network; returns self."""
+        """Move (and optionally cast) every network, and put the noise schedule's arrays on `device`, so that
+        sampling copies nothing from the host; returns self. The schedule keeps float64 (DESIGN.md)."""
         # Only what is given: diffusers warns about casts whenever `dtype` is passed, even as None.
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.unet, self.text_encoder):
             module.to(**kwargs)
+        if device is not None:
+            self.diffusion.to(device)
         return self
 
     # ---- the folder ----------------------------------------------------------------------------------

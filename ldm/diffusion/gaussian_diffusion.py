@@ -2,13 +2,15 @@
 
 Indexing follows diffusers: t = 0 .. T-1, and `alphabar_prev` at t = 0 is 1. Every schedule array is
 computed once in float64; values gathered at t are cast to the dtype of the tensor they multiply.
+The arrays are copied to a device once (`GaussianDiffusion.to`, or at the first use there) and gathered
+there, so no step copies anything from the host or waits for it.
 The network is only ever a tensor (`model_output`): this module knows no model.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -49,7 +51,9 @@ class _Coefficients:
     """float64 schedule arrays, one value per timestep index."""
 
     betas: torch.Tensor
+    log_betas: torch.Tensor
     alphas_cumprod: torch.Tensor
+    one_minus_alphas_cumprod: torch.Tensor
     alphas_cumprod_prev: torch.Tensor
     sqrt_alphas_cumprod: torch.Tensor
     sqrt_one_minus_alphas_cumprod: torch.Tensor
@@ -60,6 +64,19 @@ class _Coefficients:
     posterior_mean_coef2: torch.Tensor
     log_betas_large: torch.Tensor  # fixed_large's log variance: log beta_t, with beta~_1 at t = 0
     snr: torch.Tensor
+
+    def to(self, device: torch.device) -> _Coefficients:
+        """A copy on `device`. MPS has no float64, so there the arrays are rounded to float32 (after being
+        computed in float64); elsewhere float64 is kept for the formulas that cancel in low precision."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        return _Coefficients(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
+
+
+class _OnDevice(NamedTuple):
+    """The schedule's arrays copied to one device."""
+
+    coef: _Coefficients
+    timesteps: torch.Tensor  # (T,) int64: the timestep value the network sees at each index
 
 
 def _coefficients(betas: np.ndarray) -> _Coefficients:
@@ -75,7 +92,9 @@ def _coefficients(betas: np.ndarray) -> _Coefficients:
         log_one_minus_abar = np.log(1.0 - abar)
     arrays = {
         "betas": betas,
+        "log_betas": np.log(betas),
         "alphas_cumprod": abar,
+        "one_minus_alphas_cumprod": 1.0 - abar,
         "alphas_cumprod_prev": abar_prev,
         "sqrt_alphas_cumprod": np.sqrt(abar),
         "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
@@ -95,6 +114,7 @@ class GaussianDiffusion:
 
     `timesteps` are the timestep values the network is conditioned on, one per index; they differ from
     0 .. T-1 only in a respaced process (see `respaced`), which samples over a subset of a longer chain.
+    `coef` holds the arrays on the host; `coefficients(device)` the same arrays on a device, copied once.
     """
 
     def __init__(
@@ -116,6 +136,7 @@ class GaussianDiffusion:
         if self.timesteps.shape != betas.shape:
             raise ValueError("timesteps must have one entry per beta")
         self.coef = _coefficients(betas)
+        self._on_device = {self.coef.betas.device: _OnDevice(self.coef, torch.from_numpy(self.timesteps))}
 
     @classmethod
     def from_schedule(
@@ -148,32 +169,55 @@ class GaussianDiffusion:
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
         return GaussianDiffusion(betas, self.prediction, self.variance, timesteps=self.timesteps[keep])
 
-    # ---- gathering schedule values -----------------------------------------------------------------
+    # ---- the arrays on a device ----------------------------------------------------------------------
+
+    def to(self, device: str | torch.device) -> GaussianDiffusion:
+        """Copy the schedule arrays to `device` now, rather than in the first step that uses them there;
+        returns self. The host arrays (`coef`) stay, and so do copies on other devices."""
+        self._arrays_on(torch.empty(0, device=device).device)  # "cuda" -> "cuda:0", as tensors there report it
+        return self
+
+    def coefficients(self, device: torch.device) -> _Coefficients:
+        """The schedule arrays on `device`: copied from the host on first use there, then reused."""
+        return self._arrays_on(device).coef
+
+    def _arrays_on(self, device: torch.device) -> _OnDevice:
+        if device not in self._on_device:
+            timesteps = torch.from_numpy(self.timesteps).to(device)
+            self._on_device[device] = _OnDevice(self.coef.to(device), timesteps)
+        return self._on_device[device]
 
     @staticmethod
     def gather(array: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """array[t] for each batch element, cast to like's dtype and shaped to broadcast against it."""
-        values = array.to(t.device)[t].to(like.dtype)
+        """array[t] for each batch element, cast to like's dtype and shaped to broadcast against it.
+
+        `array` must be on t's device (take it from `coefficients(t.device)`): indexing across devices
+        would copy the array, or t, in every step.
+        """
+        if array.device != t.device:
+            raise ValueError(f"gather: the schedule array is on {array.device} but t is on {t.device}")
+        values = array[t].to(like.dtype)
         return values.reshape(t.shape[0], *([1] * (like.ndim - 1)))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep values the network sees for indices t (identity unless respaced)."""
-        return torch.as_tensor(self.timesteps, device=t.device)[t]
+        return self._arrays_on(t.device).timesteps[t]
 
     # ---- forward process -----------------------------------------------------------------------------
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I): mean, variance, log variance."""
-        mean = self.gather(self.coef.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self.gather(1.0 - self.coef.alphas_cumprod, t, x0).expand_as(x0)
-        log_variance = self.gather(self.coef.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        c = self.coefficients(t.device)
+        mean = self.gather(c.sqrt_alphas_cumprod, t, x0) * x0
+        variance = self.gather(c.one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        log_variance = self.gather(c.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        c = self.coefficients(t.device)
         return (
-            self.gather(self.coef.sqrt_alphas_cumprod, t, x0) * x0
-            + self.gather(self.coef.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+            self.gather(c.sqrt_alphas_cumprod, t, x0) * x0 + self.gather(c.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         )
 
     def q_posterior_mean_variance(
@@ -184,47 +228,47 @@ class GaussianDiffusion:
         c1 = sqrt(abar_{t-1}) beta_t / (1 - abar_t), c2 = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t),
         beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
         """
-        mean = (
-            self.gather(self.coef.posterior_mean_coef1, t, x_t) * x0
-            + self.gather(self.coef.posterior_mean_coef2, t, x_t) * x_t
-        )
-        variance = self.gather(self.coef.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = self.gather(self.coef.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        c = self.coefficients(t.device)
+        mean = self.gather(c.posterior_mean_coef1, t, x_t) * x0 + self.gather(c.posterior_mean_coef2, t, x_t) * x_t
+        variance = self.gather(c.posterior_variance, t, x_t).expand_as(x_t)
+        log_variance = self.gather(c.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # ---- parameterizations: exact conversions between eps, x0 and v ---------------------------------
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return (x_t - self.gather(self.coef.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / self.gather(
-            self.coef.sqrt_alphas_cumprod, t, x_t
+        c = self.coefficients(t.device)
+        return (x_t - self.gather(c.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / self.gather(
+            c.sqrt_alphas_cumprod, t, x_t
         )
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
-        return (x_t - self.gather(self.coef.sqrt_alphas_cumprod, t, x_t) * x0) / self.gather(
-            self.coef.sqrt_one_minus_alphas_cumprod, t, x_t
+        c = self.coefficients(t.device)
+        return (x_t - self.gather(c.sqrt_alphas_cumprod, t, x_t) * x0) / self.gather(
+            c.sqrt_one_minus_alphas_cumprod, t, x_t
         )
 
     def v_from_x0_eps(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)."""
+        c = self.coefficients(t.device)
         return (
-            self.gather(self.coef.sqrt_alphas_cumprod, t, x0) * eps
-            - self.gather(self.coef.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            self.gather(c.sqrt_alphas_cumprod, t, x0) * eps - self.gather(c.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         )
 
     def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+        c = self.coefficients(t.device)
         return (
-            self.gather(self.coef.sqrt_alphas_cumprod, t, x_t) * x_t
-            - self.gather(self.coef.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+            self.gather(c.sqrt_alphas_cumprod, t, x_t) * x_t - self.gather(c.sqrt_one_minus_alphas_cumprod, t, x_t) * v
         )
 
     def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+        c = self.coefficients(t.device)
         return (
-            self.gather(self.coef.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-            + self.gather(self.coef.sqrt_alphas_cumprod, t, x_t) * v
+            self.gather(c.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + self.gather(c.sqrt_alphas_cumprod, t, x_t) * v
         )
 
     def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -266,14 +310,15 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """log Sigma_t: log beta~_t (fixed_small), log beta_t (fixed_large), or for learned_range
         v log beta_t + (1 - v) log beta~_t with v = (output + 1) / 2 (Nichol & Dhariwal 2021)."""
+        c = self.coefficients(t.device)
         if self.variance is Variance.FIXED_SMALL:
-            return self.gather(self.coef.posterior_log_variance_clipped, t, like).expand_as(like)
+            return self.gather(c.posterior_log_variance_clipped, t, like).expand_as(like)
         if self.variance is Variance.FIXED_LARGE:
-            return self.gather(self.coef.log_betas_large, t, like).expand_as(like)
+            return self.gather(c.log_betas_large, t, like).expand_as(like)
         if var_values is None:
             raise ValueError("learned_range needs the variance half of the model output")
-        min_log = self.gather(self.coef.posterior_log_variance_clipped, t, like)
-        max_log = self.gather(torch.log(self.coef.betas), t, like)
+        min_log = self.gather(c.posterior_log_variance_clipped, t, like)
+        max_log = self.gather(c.log_betas, t, like)
         frac = (var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
@@ -296,4 +341,4 @@ class GaussianDiffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = abar_t / (1 - abar_t), as a float32 tensor of shape (B,)."""
-        return self.coef.snr.to(t.device)[t].float()
+        return self.coefficients(t.device).snr[t].float()

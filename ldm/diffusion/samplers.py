@@ -4,6 +4,9 @@ A model is any callable `model(x_t, t, **model_kwargs) -> output`, where t holds
 the network was trained on. Sampling over a subset of timesteps runs on the respaced process
 (`GaussianDiffusion.respaced`), so every formula uses the alphabar of the previous timestep *in the
 subset*. One `torch.Generator` drives all the noise, so a seed fixes the result.
+
+No step waits for the host or copies from it: the schedule arrays and every step's timesteps are put on
+x_T's device before the loop, and each step is picked by the loop's Python index.
 """
 
 from __future__ import annotations
@@ -80,8 +83,9 @@ def ddim_coefficients(
     Formed from the float64 arrays and cast once to like's dtype: in bf16, 1 - abar_t / abar_prev and
     1 - abar_prev - sigma^2 cancel to negative numbers near t = 0, and their square roots are NaN.
     """
-    abar_t = diffusion.coef.alphas_cumprod.to(t.device)[t]  # (B,) float64
-    abar_prev = diffusion.coef.alphas_cumprod_prev.to(t.device)[t]
+    coef = diffusion.coefficients(t.device)
+    abar_t = coef.alphas_cumprod[t]  # (B,) float64
+    abar_prev = coef.alphas_cumprod_prev[t]
     sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
     eps_coef = (1 - abar_prev - sigma**2).clamp(min=0).sqrt()
     shape = (t.shape[0], *([1] * (like.ndim - 1)))
@@ -117,8 +121,8 @@ def sample_ddpm(
     """Ancestral sampling from x_T down to x_0, over all T steps or a respaced subset of `num_steps`."""
     chain = sampling_chain(diffusion, num_steps, spacing, steps_offset)
 
-    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = None if t[0] == 0 else _randn_like(x, generator)
+    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = None if index == 0 else _randn_like(x, generator)  # the index, not t: reading t would sync
         return ddpm_step(chain, output, x, t, noise, threshold)
 
     return _run_chain(model, chain, x_T, step, model_kwargs, return_trajectory, callback, progress, "DDPM")
@@ -146,7 +150,7 @@ def sample_ddim(
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     chain = sampling_chain(diffusion, num_steps, spacing, steps_offset)
 
-    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         noise = _randn_like(x, generator) if eta > 0 else None
         return ddim_step(chain, output, x, t, eta, noise, threshold)
 
@@ -157,7 +161,7 @@ def _run_chain(
     model: ModelFn,
     chain: GaussianDiffusion,
     x_T: torch.Tensor,
-    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
     model_kwargs: dict[str, Any] | None,
     return_trajectory: bool,
     callback: StepCallback | None,
@@ -166,12 +170,14 @@ def _run_chain(
 ) -> SampleOutput:
     """The loop both samplers share: model call, step, callback, from the last index down to 0."""
     model_kwargs = model_kwargs or {}
+    chain.to(x_T.device)
+    indices = torch.arange(chain.num_timesteps, device=x_T.device).unsqueeze(1).repeat(1, x_T.shape[0])  # (T, B)
+    model_timesteps = chain.model_timesteps(indices)  # (T, B)
     x = x_T
     trajectory = [x] if return_trajectory else None
     for index in tqdm(range(chain.num_timesteps - 1, -1, -1), desc=name, disable=not progress, leave=False):
-        t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
-        output = model(x, chain.model_timesteps(t), **model_kwargs)
-        x, pred_x0 = step(output, x, t)
+        output = model(x, model_timesteps[index], **model_kwargs)
+        x, pred_x0 = step(output, x, indices[index], index)
         if trajectory is not None:
             trajectory.append(x)
         if callback is not None:

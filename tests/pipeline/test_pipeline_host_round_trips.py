@@ -1,0 +1,63 @@
+"""A denoising step of the pipeline (guided U-Net + sampler update) makes no host round trip.
+
+Counted with tests/host_round_trips.py on the real LatentDiffusionPipeline over the tiny parts: on the
+CPU for syncs and tensors made from host data, and on the meta device (a stand-in for a GPU, where a
+copy from the CPU is not the no-op it is on a CPU-only run) for cross-device copies.
+"""
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+import ldm.pipeline
+from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.pipeline import LatentDiffusionPipeline
+from tests.host_round_trips import HostRoundTrips, StepWindows
+from tests.pipeline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
+
+SAMPLER_FUNCTIONS = {"ddim": "sample_ddim", "ddpm": "sample_ddpm"}
+
+
+def count_pipeline_steps(pipe: LatentDiffusionPipeline, sampler: str, monkeypatch, **kwargs) -> list[HostRoundTrips]:
+    """Run 3 guided steps and return the round trips of steps 2 and 3, each counted from the end of the step
+    before it (the sampler's callback, which the pipeline's sampler call is wrapped to pass) to its own end."""
+    windows = StepWindows()
+    sample = getattr(ldm.pipeline, SAMPLER_FUNCTIONS[sampler])
+
+    def sample_with_windows(*args, callback=None, **sample_kwargs):
+        windows.then = callback  # the pipeline's own callback still runs
+        return sample(*args, callback=windows, **sample_kwargs)
+
+    monkeypatch.setattr(ldm.pipeline, SAMPLER_FUNCTIONS[sampler], sample_with_windows)
+    with windows:
+        pipe("a red circle", guidance_scale=5.0, num_inference_steps=3, sampler=sampler, **kwargs)
+    assert len(windows.steps) == 2
+    return windows.steps
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_a_guided_denoising_step_makes_no_host_round_trip(pipe, sampler, monkeypatch):
+    """No sync and no tensor from host data in a step: the U-Net gets a device tensor of timesteps (given a
+    Python int, diffusers' U-Net would build `torch.tensor([t])`), DDPM's t = 0 test reads the loop index."""
+    generator = torch.Generator().manual_seed(0)
+    steps = count_pipeline_steps(
+        pipe, sampler, monkeypatch, generator=generator, output_type="latent", return_trajectory=True, progress=False
+    )
+    for trips in steps:
+        assert trips.syncs == Counter(), str(trips)
+        assert trips.host_data == Counter(), str(trips)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_pipeline_to_a_device_leaves_no_step_copying_from_the_host(sampler, monkeypatch):
+    """After `pipeline.to("meta")` every part, the schedule included, is on meta, and a step copies nothing
+    across devices (the old schedule gather copied its arrays CPU -> meta in every step)."""
+    text_encoder = copy.deepcopy(tiny_text_encoder())  # the cached one is shared with other tests
+    pipe = LatentDiffusionPipeline(tiny_vae(), text_encoder, tiny_unet(), NoiseScheduleConfig()).to("meta")
+    for trips in count_pipeline_steps(pipe, sampler, monkeypatch, output_type="latent", progress=False):
+        assert trips.total == 0, str(trips)
+    with HostRoundTrips() as moved:  # the 3 steps sampled a respacing: only `to` put these arrays on meta
+        pipe.diffusion.coefficients(torch.device("meta"))
+    assert moved.total == 0, f"pipeline.to left the schedule on the host:\n{moved}"
