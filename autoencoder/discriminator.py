@@ -50,13 +50,46 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+def adaptive_weight(
+    rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4, fp16: bool = False
+) -> Tensor:
     """lambda = ||grad_w L_rec|| / (||grad_w L_G|| + 1e-4) at the decoder's last layer w, clamped to [0, max].
 
     Balances the adversarial gradient against the reconstruction gradient (Esser et al., taming
-    transformers). Returned detached: it is a weight, not something to optimize.
+    transformers). Returned detached: it is a weight, not something to optimize. `fp16`: the losses were
+    computed through float16 activations (autocast), whose backward under- or overflows unless scaled;
+    each norm is then taken at its own power-of-two scale (`fp16_grad_norm`). A weight that still cannot
+    be measured (NaN) is 0 for this step rather than a NaN loss.
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+    grad_norm = fp16_grad_norm if fp16 else unscaled_grad_norm
+    weight = grad_norm(rec_loss, last_layer) / (grad_norm(g_loss, last_layer) + 1e-4)
+    return torch.nan_to_num(weight, nan=0.0).clamp(0.0, max_weight).detach()
+
+
+def unscaled_grad_norm(loss: Tensor, param: Tensor) -> Tensor:
+    """||d loss / d param||, keeping the graph for the next gradient."""
+    return torch.linalg.vector_norm(torch.autograd.grad(loss, param, retain_graph=True)[0].float())
+
+
+# fp16 spans about 6e-8 (smallest subnormal) to 65504. The two losses' gradients at the last layer differ by up
+# to max_weight, so no common scale fits both: the reconstruction's, a sum over every pixel of the batch, can
+# overflow at SD's resolutions, while the adversarial one, spread thin over those pixels, underflows. Each is
+# rescaled so that its largest entry lands here, 16 times below fp16's maximum.
+FP16_TARGET_MAX = 2.0**12
+FP16_SCALE_EXPONENTS = (-24, 24)  # the power-of-two scale's range; an all-zero (underflowed) probe gets 2^24
+FP16_OVERFLOWED = 2.0**20  # the largest entry assumed when the unscaled gradient overflowed (> 65504)
+
+
+def fp16_grad_norm(loss: Tensor, param: Tensor) -> Tensor:
+    """||d loss / d param|| through float16 activations, in two backward passes and without a host sync.
+
+    The unscaled gradient's largest entry picks a power-of-two scale s (exact to undo) that brings it to
+    FP16_TARGET_MAX; the norm of grad(s * loss) / s is returned, or the unscaled norm if that is not finite.
+    """
+    probe = torch.autograd.grad(loss, param, retain_graph=True)[0].float()
+    largest = torch.nan_to_num(probe.abs().amax(), nan=FP16_OVERFLOWED, posinf=FP16_OVERFLOWED)
+    exponent = torch.floor(torch.log2(FP16_TARGET_MAX / largest)).clamp(*FP16_SCALE_EXPONENTS)
+    scale = torch.exp2(exponent)
+    scaled = torch.autograd.grad(loss.float() * scale, param, retain_graph=True)[0].float()
+    norm = torch.linalg.vector_norm(scaled) / scale
+    return torch.where(torch.isfinite(norm), norm, torch.linalg.vector_norm(probe))

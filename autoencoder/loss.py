@@ -27,10 +27,11 @@ from autoencoder.posterior import DiagonalGaussian
 
 @dataclass
 class LossTerms:
-    """The total loss to backpropagate and its detached parts for logging."""
+    """The total loss to backpropagate and its parts for logging: detached 0-dim tensors, so that a step
+    never waits for the device (the training runtime converts them to numbers only at its log steps)."""
 
     loss: Tensor
-    logs: dict[str, float]
+    logs: dict[str, Tensor]
 
 
 class AutoencoderLoss(nn.Module):
@@ -75,27 +76,36 @@ class AutoencoderLoss(nn.Module):
         nll = (rec / torch.exp(logvar) + logvar).sum() / batch
         kl = posterior.kl().float().mean()
         loss = nll + self.cfg.kl_weight * kl
-        logs = {"rec": rec.detach().mean().item(), "nll": nll.item(), "kl": kl.item(), "logvar": logvar.item()}
+        # logvar is the parameter itself: cloned, or the optimizer's in-place update would rewrite the logged value.
+        logs = {"rec": rec.detach().mean(), "nll": nll.detach(), "kl": kl.detach(), "logvar": logvar.detach().clone()}
 
         factor = self.disc_factor(step)
         if discriminator is not None and factor > 0:
             with frozen(discriminator):
-                g_loss = hinge_g_loss(discriminator(x_rec))
+                g_loss = hinge_g_loss(discriminator(x_rec).float())
             if last_layer is None:
                 raise ValueError("generator_loss: the adaptive weight needs the decoder's last layer")
-            weight = self.cfg.disc_weight * adaptive_weight(nll, g_loss, last_layer, self.cfg.adaptive_weight_max)
+            max_weight, fp16 = self.cfg.adaptive_weight_max, runs_in_fp16(x_rec)
+            weight = self.cfg.disc_weight * adaptive_weight(nll, g_loss, last_layer, max_weight, fp16)
             loss = loss + weight * factor * g_loss
-            logs.update(g_loss=g_loss.item(), d_weight=weight.item())
+            logs.update(g_loss=g_loss.detach(), d_weight=weight)
         return LossTerms(loss, logs)
 
     def discriminator_loss(self, x: Tensor, x_rec: Tensor, discriminator: nn.Module, step: int) -> LossTerms:
         """c(step) * hinge(D(x), D(x_rec)), with x_rec detached so the autoencoder gets no gradient."""
-        logits_real = discriminator(x.detach())
-        logits_fake = discriminator(x_rec.detach())
-        d_loss = self.disc_factor(step) * hinge_d_loss(logits_real.float(), logits_fake.float())
-        logs = {"d_loss": d_loss.item(), "logits_real": logits_real.detach().mean().item()}
-        logs["logits_fake"] = logits_fake.detach().mean().item()
+        logits_real = discriminator(x.detach()).float()
+        logits_fake = discriminator(x_rec.detach()).float()
+        d_loss = self.disc_factor(step) * hinge_d_loss(logits_real, logits_fake)
+        logs = {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean()}
+        logs["logits_fake"] = logits_fake.detach().mean()
         return LossTerms(d_loss, logs)
+
+
+def runs_in_fp16(x_rec: Tensor) -> bool:
+    """Whether the decoder's output, or the discriminator run on it under autocast, is float16."""
+    device = x_rec.device.type
+    autocast_fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    return x_rec.dtype == torch.float16 or autocast_fp16
 
 
 @contextmanager

@@ -29,6 +29,13 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> Tensor:
-        """KL(q || N(0, I)) per example, summed over latent dims: 1/2 sum(mu^2 + sigma^2 - 1 - log sigma^2) >= 0."""
-        per_dim = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        """KL(q || N(0, I)) per example, summed over latent dims: 1/2 sum(mu^2 + sigma^2 - 1 - log sigma^2) >= 0.
+
+        In float32 at least, whatever the moments' dtype: sigma^2 - 1 - log sigma^2 cancels to (log sigma^2)^2 / 2
+        near N(0, 1), which bfloat16 rounds away, and sigma^2 overflows float16 above log sigma^2 = 11. expm1
+        keeps that cancellation exact in float32 too.
+        """
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)
+        mean, logvar = self.mean.to(dtype), self.logvar.to(dtype)
+        per_dim = 0.5 * (mean.square() + torch.expm1(logvar) - logvar)  # sigma^2 - 1 = expm1(log sigma^2)
         return per_dim.flatten(1).sum(dim=1)  # (B,)

@@ -10,6 +10,7 @@ from autoencoder.discriminator import PatchDiscriminator, hinge_d_loss
 from autoencoder.loss import AutoencoderLoss
 from autoencoder.model import KLAutoencoder, build_vae
 from autoencoder.posterior import DiagonalGaussian
+from tests.host_round_trips import HostRoundTrips
 
 TINY = ModelConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_num_groups=8)
 
@@ -110,3 +111,31 @@ def test_lpips_term_with_an_explicitly_random_backbone():
 def test_lpips_weight_without_a_network_is_refused():
     with pytest.raises(ValueError, match="lpips_weight"):
         AutoencoderLoss(LossConfig(lpips_weight=1.0))
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16_autocast"])
+def test_a_step_of_both_losses_never_waits_for_the_device(fp16):
+    """Each .item() in a step is a device-to-host sync on a GPU; the logs stay tensors until a log step."""
+    torch.manual_seed(0)
+    model = KLAutoencoder(build_vae(TINY))
+    disc = PatchDiscriminator(3, channels=8, layers=2)
+    criterion = AutoencoderLoss(LossConfig(disc_weight=0.5, disc_start=0))
+    x = _batch()
+    with HostRoundTrips() as trips, torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+        x_rec, posterior = _forward(model, x)
+        g_terms = criterion.generator_loss(x, x_rec, posterior, model.logvar, 0, disc, model.last_layer)
+        d_terms = criterion.discriminator_loss(x, x_rec, disc, step=0)
+    assert trips.total == 0, trips
+    logs = g_terms.logs | d_terms.logs
+    assert set(logs) == {"rec", "nll", "kl", "logvar", "g_loss", "d_weight", "d_loss", "logits_real", "logits_fake"}
+    assert all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in logs.values())
+
+
+def test_the_logged_logvar_is_the_steps_value_not_the_parameter():
+    model = KLAutoencoder(build_vae(TINY), logvar_init=0.5)
+    x = _batch()
+    x_rec, posterior = _forward(model, x)
+    terms = AutoencoderLoss(LossConfig()).generator_loss(x, x_rec, posterior, model.logvar, step=0)
+    with torch.no_grad():
+        model.logvar.add_(1.0)  # the optimizer's in-place update, before the runtime reads the logs
+    assert float(terms.logs["logvar"]) == 0.5
