@@ -60,7 +60,7 @@ def main() -> None:
     encoder = TextEncoder.from_config(config)
     batch = prompts(args.batch)
     with tempfile.TemporaryDirectory() as folder:
-        cache = TextEmbeddingCache.build(encoder, batch, Path(folder) / "captions.safetensors")
+        cache = TextEmbeddingCache.build(encoder, batch, Path(folder) / "captions")
 
     with torch.no_grad():
         tokenize_ms = median_ms(lambda: encoder.tokenize(batch), args.repeats)

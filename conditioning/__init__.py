@@ -4,7 +4,7 @@ Example::
 
     encoder = TextEncoder.from_config(TextEncoderConfig())             # or TextEncoderConfig(pretrained="path/to/sd")
     context = encoder.encode(drop_captions(captions, 0.1, generator))   # (B, 77, D) cross-attention context
-    cache = TextEmbeddingCache.load_or_build("captions.safetensors", encoder, captions)  # then cache.encode(...)
+    cache = TextEmbeddingCache.load_or_build("cache/captions", encoder, captions)  # a folder; then cache.encode(...)
 """
 
 from conditioning.cache import TextEmbeddingCache

@@ -1,58 +1,75 @@
-"""A safetensors cache of caption embeddings, so stage 2 looks them up instead of running the encoder.
+"""A cache of caption embeddings, so stage 2 looks them up instead of running the encoder.
 
 With a frozen encoder a caption's embedding never changes, so a dataset's captions are encoded once
-(deduplicated, with "" for classifier-free guidance always included) and saved together with the
-encoder's fingerprint (weights, config, tokenizer, layer choice). Loading checks the fingerprint, so
-a cache made by a different encoder is never used silently.
+(deduplicated, with "" for classifier-free guidance always included) and saved with the encoder's
+fingerprint (weights, config, tokenizer, layer choice). Loading checks the fingerprint, so a cache made by
+a different encoder is never used silently.
+
+The cache is a `conditioning.sharded_cache` folder: every rank of a launch encodes its share of the
+captions in resumable parts, and lookups read the rows they need from disk, so neither a process's
+memory nor a device holds the whole cache (SD-1.x's 77 x 768 embeddings are 118 KB a caption in fp16).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from conditioning.cache_file import cache_file_fingerprint, read_cache_file, write_cache_file
+from conditioning.sharded_cache import ShardedCache, build_parts, finish_build, num_parts_for, read_manifest
 from conditioning.text_encoder import TextEmbeddings, TextEncoder
 from conditioning.tokenizer import validate_prompts
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "ldm-text-embedding-cache/1"
+CACHE_FORMAT = "ldm-text-embedding-cache/2"
+PART_SIZE = 4096  # captions per part file: about 0.5 GB of SD-1.x embeddings in fp16
+
+
+def _no_barrier() -> None:
+    """A single process has nobody to wait for."""
 
 
 class TextEmbeddingCache:
-    """Embeddings of a fixed set of captions, looked up by caption; a drop-in for `TextEncoder.encode`."""
+    """Embeddings of a fixed set of captions, looked up by caption; a drop-in for `TextEncoder.encode`.
 
-    def __init__(self, captions: Sequence[str], hidden_states: torch.Tensor, pooled: torch.Tensor, fingerprint: str):
-        if not hidden_states.shape[0] == pooled.shape[0] == len(captions):
-            raise ValueError(
-                f"captions: {len(captions)} captions but {hidden_states.shape[0]} hidden states "
-                f"and {pooled.shape[0]} pooled embeddings"
-            )
-        self.captions = list(captions)
-        self.hidden_states = hidden_states  # (N, L, D)
-        self.pooled = pooled  # (N, D)
-        self.fingerprint = fingerprint
-        self._index = {caption: i for i, caption in enumerate(self.captions)}
-        if len(self._index) != len(self.captions):
-            raise ValueError("captions: contains duplicates; a cache holds each caption once")
+    Lookups return CPU tensors read from the cache folder (move them with the batch they belong to).
+    """
+
+    def __init__(self, store: ShardedCache) -> None:
+        self.store = store
+        self.fingerprint = store.fingerprint
+        self._index = {caption: i for i, caption in enumerate(store.strings)}
+        if len(self._index) != len(store):
+            raise ValueError(f"{store.folder}: holds duplicate captions; a cache holds each caption once")
+
+    @property
+    def captions(self) -> list[str]:
+        """The cached captions, in row order ("" first)."""
+        return self.store.strings
 
     @classmethod
     def build(
         cls,
         encoder: TextEncoder,
         captions: Iterable[str],
-        path: str | Path,
+        folder: str | Path,
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
+        part_size: int = PART_SIZE,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = _no_barrier,
     ) -> TextEmbeddingCache:
-        """Encode the distinct captions (plus "") with a frozen `encoder` and save them to `path`.
+        """Encode the distinct captions (plus "") with a frozen `encoder` into the cache folder `folder`.
 
-        `dtype` (e.g. torch.float16) stores the embeddings narrower than the encoder computes them.
+        Under a launch every rank calls this with its `rank`, the `world_size` and a `barrier` (e.g.
+        `accelerator.wait_for_everyone`): each encodes every world_size-th part. `dtype` (e.g.
+        torch.float16) stores the embeddings narrower than the encoder computes them.
         """
         if not encoder.frozen:
             raise ValueError(
@@ -61,29 +78,38 @@ class TextEmbeddingCache:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         unique = list(dict.fromkeys(["", *validate_prompts(list(captions), name="captions")]))
-        # Filled in place: concatenating per-batch pieces would briefly hold the whole cache twice.
-        hidden = torch.empty(len(unique), encoder.max_length, encoder.hidden_size, dtype=dtype or encoder.model.dtype)
-        pooled: torch.Tensor | None = None  # (N, D') once the first batch shows the pooled width
-        with torch.no_grad():
-            for start in tqdm(range(0, len(unique), batch_size), desc="encoding captions", unit="batch"):
-                out = encoder(unique[start : start + batch_size])
-                if pooled is None:
-                    pooled = torch.empty(len(unique), out.pooled.shape[-1], dtype=hidden.dtype)
-                end = start + len(out.pooled)
-                hidden[start:end], pooled[start:end] = out.hidden_states.cpu(), out.pooled.cpu()
-        cache = cls(unique, hidden, pooled, encoder.fingerprint())
-        cache.save(path)
-        logger.info("cached %d distinct captions in %s", len(unique), path)
-        return cache
+        num_parts = num_parts_for(len(unique), part_size)
+        content = _digest(unique, dtype)
+
+        def encode_part(part: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+            texts = unique[part * part_size : (part + 1) * part_size]
+            hidden, pooled = [], []
+            with torch.no_grad():
+                for start in range(0, len(texts), batch_size):
+                    out = encoder(texts[start : start + batch_size])
+                    hidden.append(out.hidden_states.to("cpu", dtype or out.hidden_states.dtype))
+                    pooled.append(out.pooled.to("cpu", dtype or out.pooled.dtype))
+            return {"hidden_states": torch.cat(hidden), "pooled": torch.cat(pooled)}, texts
+
+        fingerprint = encoder.fingerprint()
+        build_parts(
+            folder, CACHE_FORMAT, fingerprint, num_parts, encode_part, content, rank, world_size, "encoding captions"
+        )
+        barrier()
+        if rank == 0:
+            finish_build(folder, CACHE_FORMAT, fingerprint, num_parts, content)
+            logger.info("cached %d distinct captions in %s (%d parts)", len(unique), folder, num_parts)
+        barrier()
+        return cls._open(folder)
 
     @classmethod
-    def load(cls, path: str | Path, encoder: TextEncoder) -> TextEmbeddingCache:
-        """Read a cache and check it was made by `encoder`; a mismatch is a ValueError naming both fingerprints."""
-        cache = cls._read(path)
+    def load(cls, folder: str | Path, encoder: TextEncoder) -> TextEmbeddingCache:
+        """Open a cache and check it was made by `encoder`; a mismatch is a ValueError naming both fingerprints."""
+        cache = cls._open(folder)
         expected = encoder.fingerprint()
         if cache.fingerprint != expected:
             raise ValueError(
-                f"{path}: stale text-embedding cache: built by encoder {cache.fingerprint[:16]}, but this encoder "
+                f"{folder}: stale text-embedding cache: built by encoder {cache.fingerprint[:16]}, but this encoder "
                 f"is {expected[:16]} (weights, config, tokenizer or clip_skip changed); rebuild it with "
                 "TextEmbeddingCache.build or use TextEmbeddingCache.load_or_build"
             )
@@ -91,35 +117,41 @@ class TextEmbeddingCache:
 
     @classmethod
     def load_or_build(
-        cls, path: str | Path, encoder: TextEncoder, captions: Iterable[str], batch_size: int = 64
+        cls,
+        folder: str | Path,
+        encoder: TextEncoder,
+        captions: Iterable[str],
+        batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+        part_size: int = PART_SIZE,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = _no_barrier,
     ) -> TextEmbeddingCache:
-        """The cache at `path` if it was made by `encoder` and holds every caption; otherwise rebuild it."""
+        """The cache at `folder` if it was made by `encoder` and holds every caption; otherwise (re)build it.
+
+        Every rank decides alike (from the same files), so under a launch all of them call `build` or none.
+        """
         captions = validate_prompts(list(captions), name="captions")
-        # The header alone says whether the cache is stale, so a stale cache's tensors are never read.
-        if cache_file_fingerprint(path, CACHE_FORMAT) == encoder.fingerprint():
-            cache = cls._read(path)
+        # The manifest alone says whether the cache is stale, so a stale cache's parts are never read.
+        manifest = read_manifest(folder, CACHE_FORMAT)
+        if manifest is not None and manifest["fingerprint"] == encoder.fingerprint():
+            cache = cls._open(folder)
             missing = sum(c not in cache for c in set(captions))
             if not missing:
                 return cache
-            logger.info("%s: %d captions are not cached; rebuilding", path, missing)
-        elif Path(path).is_file():
-            logger.info("%s: made by a different text encoder (or an older cache format); rebuilding", path)
-        return cls.build(encoder, captions, path, batch_size)
-
-    def save(self, path: str | Path) -> None:
-        """Write the cache as one safetensors file (written to a temp name, then renamed, so never half-written)."""
-        tensors = {"hidden_states": self.hidden_states, "pooled": self.pooled}
-        extra = {"num_captions": str(len(self))}
-        write_cache_file(path, tensors, self.captions, CACHE_FORMAT, self.fingerprint, extra)
+            logger.info("%s: %d captions are not cached; rebuilding", folder, missing)
+        elif Path(folder).exists():
+            logger.info("%s: made by a different text encoder, an older format or unfinished; rebuilding", folder)
+        return cls.build(encoder, captions, folder, batch_size, dtype, part_size, rank, world_size, barrier)
 
     @classmethod
-    def _read(cls, path: str | Path) -> TextEmbeddingCache:
-        remedy = "build one with TextEmbeddingCache.build"
-        file = read_cache_file(path, CACHE_FORMAT, "text-embedding cache", remedy)
-        return cls(file.strings, file.tensors["hidden_states"], file.tensors["pooled"], file.fingerprint)
+    def _open(cls, folder: str | Path) -> TextEmbeddingCache:
+        store = ShardedCache(folder, CACHE_FORMAT, "text-embedding cache", "build one with TextEmbeddingCache.build")
+        return cls(store)
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.store)
 
     def __contains__(self, caption: object) -> bool:
         return caption in self._index
@@ -127,20 +159,15 @@ class TextEmbeddingCache:
     @property
     def hidden_size(self) -> int:
         """D, the width of every token state."""
-        return self.hidden_states.shape[-1]
+        return self.store.row_shape("hidden_states")[-1]
 
     @property
     def max_length(self) -> int:
         """L, the number of token states per caption."""
-        return self.hidden_states.shape[1]
+        return self.store.row_shape("hidden_states")[0]
 
-    def to(self, device: torch.device | str) -> TextEmbeddingCache:
-        """Move the embeddings (e.g. to the GPU once, so lookups are a gather there); returns self."""
-        self.hidden_states = self.hidden_states.to(device)
-        self.pooled = self.pooled.to(device)
-        return self
-
-    def _rows(self, captions: str | Sequence[str]) -> torch.Tensor:
+    def rows(self, captions: str | Sequence[str]) -> list[int]:
+        """The cache rows of `captions`; an uncached caption is a KeyError naming it."""
         rows = []
         for caption in validate_prompts(captions, name="captions"):
             row = self._index.get(caption)
@@ -150,17 +177,22 @@ class TextEmbeddingCache:
                     "rebuild it with every caption of the dataset (TextEmbeddingCache.load_or_build)"
                 )
             rows.append(row)
-        return torch.tensor(rows, device=self.hidden_states.device)
+        return rows
 
     def __call__(self, captions: str | Sequence[str]) -> TextEmbeddings:
         """Look up hidden states (B, L, D) and pooled embeddings (B, D), like calling the encoder."""
-        rows = self._rows(captions)
-        return TextEmbeddings(self.hidden_states[rows], self.pooled[rows])
+        rows = self.rows(captions)
+        return TextEmbeddings(self.store.rows("hidden_states", rows), self.store.rows("pooled", rows))
 
     def encode(self, captions: str | Sequence[str]) -> torch.Tensor:
         """Look up the (B, L, D) hidden states of cached captions; an uncached caption is a KeyError."""
-        return self.hidden_states[self._rows(captions)]
+        return self.store.rows("hidden_states", self.rows(captions))
 
     def unconditional(self, batch_size: int = 1) -> torch.Tensor:
         """The cached embedding of "" repeated to (batch_size, L, D)."""
         return self.encode([""]).expand(batch_size, -1, -1)
+
+
+def _digest(captions: list[str], dtype: torch.dtype | None) -> str:
+    """What the rows are made from beyond the encoder: the caption list and the storage dtype."""
+    return hashlib.sha256(json.dumps([str(dtype), captions], ensure_ascii=False).encode()).hexdigest()[:16]

@@ -65,8 +65,10 @@ def write_cache_file(
     _fsync_directory(path.parent)  # make the rename itself survive a power cut
 
 
-def read_cache_file(path: str | Path, fmt: str, what: str, remedy: str = "") -> CacheFile:
+def read_cache_file(path: str | Path, fmt: str, what: str, remedy: str = "", tensors: bool = True) -> CacheFile:
     """Read a file written by `write_cache_file` with format `fmt`; errors name `path` and the `what` expected.
+
+    `tensors=False` reads the strings only (the tensors of a large cache are read per row instead).
 
     A missing file is a FileNotFoundError ("{path}: no {what} here; {remedy}"); a file of another format
     or not a safetensors file at all is a ValueError.
@@ -79,13 +81,14 @@ def read_cache_file(path: str | Path, fmt: str, what: str, remedy: str = "") -> 
             metadata = f.metadata() or {}
             if metadata.get("format") != fmt:  # checked before any tensor is read
                 raise ValueError(f"{path}: not a {what} (format {metadata.get('format')!r}, expected {fmt!r})")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+            names = [name for name in f.keys() if tensors or name == STRINGS_TENSOR]  # noqa: SIM118 (not iterable)
+            loaded = {name: f.get_tensor(name) for name in names}
     except SafetensorError as error:
         raise ValueError(f"{path}: not a {what} (not a readable safetensors file: {error})") from error
-    if STRINGS_TENSOR not in tensors or "fingerprint" not in metadata:
+    if STRINGS_TENSOR not in loaded or "fingerprint" not in metadata:
         raise ValueError(f"{path}: damaged {what}: no {STRINGS_TENSOR!r} tensor or no fingerprint in the header")
-    strings = json.loads(tensors.pop(STRINGS_TENSOR).numpy().tobytes().decode())
-    return CacheFile(tensors, strings, metadata["fingerprint"], metadata)
+    strings = json.loads(loaded.pop(STRINGS_TENSOR).numpy().tobytes().decode())
+    return CacheFile(loaded, strings, metadata["fingerprint"], metadata)
 
 
 def cache_file_fingerprint(path: str | Path, fmt: str) -> str | None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules under ldm.commands, in the order `ldm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train", "generate", "evaluate", "toy")
+COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train", "precompute", "generate", "evaluate", "toy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Imported by name, never from a computed string: the command set is fixed code, not input.
-    from ldm.commands import evaluate, generate, quickstart, toy, train
+    from ldm.commands import evaluate, generate, precompute, quickstart, toy, train
 
     modules = {
         "quickstart": quickstart,
         "train": train,
+        "precompute": precompute,
         "generate": generate,
         "evaluate": evaluate,
         "toy": toy,

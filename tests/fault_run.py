@@ -86,28 +86,40 @@ def main() -> int:
     parser.add_argument("--block-after", type=int, default=None)
     parser.add_argument("--marker", type=Path)
     parser.add_argument("--release", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    if args.block_after is not None:
-        block_after(args.block_after, args.out, args.marker, args.release)
+    if args.block_after is not None:  # under a launch, each rank writes its own marker: MARKER.RANK
+        marker = (
+            args.marker.with_name(f"{args.marker.name}.{os.environ['RANK']}") if "RANK" in os.environ else args.marker
+        )
+        block_after(args.block_after, args.out, marker, args.release)
     from ldm.cli import main as ldm_main
 
     resume = ["--resume", args.resume] if args.resume else []
-    return ldm_main([*stage_args(args.stage, args.out, args.steps, args.checkpoint_every, args.vae), *resume])
+    extra = [arg for override in args.overrides for arg in ("--set", override)]
+    return ldm_main([*stage_args(args.stage, args.out, args.steps, args.checkpoint_every, args.vae), *extra, *resume])
 
 
 # Helpers for the tests that drive this script.
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(*args: str) -> subprocess.Popen:
-    """Start this script on the checkout it belongs to (its code wins over any installed copy)."""
+def launch(*args: str, processes: int = 1, port: int = 0) -> subprocess.Popen:
+    """Start this script on the checkout it belongs to (its code wins over any installed copy); with
+    `processes` > 1 under `accelerate launch` on CPU processes (gloo; see tests/training/launch.py for why
+    --multi_gpu), talking on `port`."""
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(Path(__file__).resolve()), *args]
+    if processes > 1:
+        env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+        launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command = [sys.executable, *launcher, "--main_process_port", str(port), *command[1:]]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

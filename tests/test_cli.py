@@ -11,8 +11,9 @@ from ldm.cli import COMMAND_MODULES, main
 def test_help_lists_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert set(COMMAND_MODULES) == {"quickstart", "train", "generate", "evaluate", "toy"}
-    for name in ("quickstart", "train-autoencoder", "train-diffusion", "generate", "evaluate", "toy"):
+    assert set(COMMAND_MODULES) == {"quickstart", "train", "precompute", "generate", "evaluate", "toy"}
+    commands = ("quickstart", "train-autoencoder", "train-diffusion", "precompute-latents", "generate", "evaluate")
+    for name in (*commands, "toy"):
         assert name in out
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch.utils.data import Dataset, IterableDataset
 
-SOURCES = ("shapes", "imagefolder", "webdataset")
+SOURCES = ("shapes", "imagefolder", "webdataset", "latents")
 DATASET_SPLITS = ("train", "heldout")
 
 
@@ -15,13 +15,14 @@ DATASET_SPLITS = ("train", "heldout")
 class DataConfig:
     """Where images and captions come from and how they are prepared.
 
-    source: "shapes" (built in, no files), "imagefolder" (a folder with metadata.jsonl) or
+    source: "shapes" (built in, no files), "imagefolder" (a folder with metadata.jsonl),
     "webdataset" (.tar shards; paths are a glob, a brace pattern like "data/{000..099}.tar", or a list
-    separated by "::"). The held-out split of shapes is generated; for the other sources it is read
-    from `heldout_path`, always with a centre crop and no flip.
+    separated by "::") or "latents" (stage 2 only: the folder `ldm precompute-latents` wrote, streamed
+    like shards). The held-out split of shapes is generated; for image sources it is read from
+    `heldout_path`, always with a centre crop and no flip.
     """
 
-    source: Literal["shapes", "imagefolder", "webdataset"] = "shapes"
+    source: Literal["shapes", "imagefolder", "webdataset", "latents"] = "shapes"
     resolution: int = 32
     seed: int = 0
     # shapes: number of items in each split.
@@ -51,9 +52,11 @@ class DataConfig:
         if not self.caption_column:
             raise ValueError("caption_column: must be a non-empty metadata key, e.g. 'text'")
         if self.source != "shapes" and not self.train_path:
-            what = (
-                "a folder holding metadata.jsonl" if self.source == "imagefolder" else "a glob or list of .tar shards"
-            )
+            what = {
+                "imagefolder": "a folder holding metadata.jsonl",
+                "webdataset": "a glob or list of .tar shards",
+                "latents": "the folder ldm precompute-latents wrote",
+            }[self.source]
             raise ValueError(f"train_path: required when source is {self.source!r} ({what})")
 
 
@@ -73,6 +76,12 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset | IterableDa
         return ShapesDataset(size, resolution=cfg.resolution, split=split, seed=cfg.seed)
 
     path = cfg.train_path if train else cfg.heldout_path
+    if cfg.source == "latents":
+        if not train:
+            raise ValueError("data.source: 'latents' holds no images to evaluate; evaluate with the image source")
+        from ldm.data.latent_shards import LatentShardSource
+
+        return LatentShardSource(path, cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
     if not path:
         key = "train_path" if train else "heldout_path"
         raise ValueError(f"data.{key}: required for the {split} split of source {cfg.source!r}")

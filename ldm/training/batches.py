@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
@@ -25,46 +26,70 @@ from conditioning import TextEmbeddingCache, TextEncoder, drop_captions
 from conditioning.fingerprint import weights_fingerprint
 from ldm.data import collate_examples
 from ldm.data.image_folder import METADATA_FILE
+from ldm.data.latent_shards import LatentShardSource
 from ldm.training.latent_cache import LatentCache
 
 logger = logging.getLogger(__name__)
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack cached items into {"moments": (B, 2C, h, w), "captions": list[str]}."""
-    moments = torch.stack([item["moments"] for item in items])
-    return {"moments": moments, "captions": [item["caption"] for item in items]}
+    """Stack cached items into {"moments": (B, 2C, h, w), "captions": list[str]} and, when the items carry
+    their caption's embedding, "context": (B, L, D)."""
+    batch = {"moments": torch.stack([item["moments"] for item in items]), "captions": [i["caption"] for i in items]}
+    if "context" in items[0]:
+        batch["context"] = torch.stack([item["context"] for item in items])
+    return batch
+
+
+class CachedExamples(Dataset):
+    """The latent cache's items with their caption's cached embedding as "context", both read from disk per
+    item, in the data loader's workers: a training process holds one batch of the caches, not the caches."""
+
+    def __init__(self, latents: LatentCache, captions: TextEmbeddingCache) -> None:
+        self.latents, self.captions = latents, captions
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.latents[index]
+        return item | {"context": self.captions.encode([item["caption"]])[0]}
 
 
 class LatentBatches:
     """Turns loader batches into (latents, conditioning) for the U-Net, from caches or by encoding live."""
 
     def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: TextEncoder,
-        p_uncond: float,
-        text_cache: TextEmbeddingCache | None = None,
+        self, vae: AutoencoderKL, text_encoder: TextEncoder, p_uncond: float, unconditional: Tensor | None = None
     ) -> None:
+        """`unconditional`: the (1, L, D) context of "" on the model's device, for batches that carry their
+        cached "context" (caption dropout then swaps rows on the device)."""
         self.vae = vae
         self.text_encoder = text_encoder
-        self.text_cache = text_cache
         self.p_uncond = p_uncond
+        self.unconditional = unconditional
         self.scaling_factor = float(vae.config.scaling_factor)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Latents scaling_factor * z, z ~ q(z | x), (B, C, h, w), and the U-Net's conditioning keywords."""
         if "moments" in batch:
-            moments = batch["moments"]
+            moments = batch["moments"].to(self.vae.device)  # a stream's batches are not placed by Accelerate
         else:
             moments = self.vae.encode(batch["pixel_values"].to(self.vae.device, self.vae.dtype)).latent_dist.parameters
         latents = DiagonalGaussian(moments.float()).sample() * self.scaling_factor
+        if "context" in batch and self.text_encoder.frozen and self.unconditional is not None:
+            return latents, {"encoder_hidden_states": self._drop_context(batch["context"].to(latents.device))}
         captions = drop_captions(batch["captions"], self.p_uncond)
         if not self.text_encoder.frozen:
             return latents, {"captions": captions}  # encoded with gradients inside the Denoiser
-        encoder = self.text_cache if self.text_cache is not None else self.text_encoder
-        return latents, {"encoder_hidden_states": encoder.encode(captions).to(latents.device, torch.float32)}
+        return latents, {"encoder_hidden_states": self.text_encoder.encode(captions).to(latents.device, torch.float32)}
+
+    def _drop_context(self, context: Tensor) -> Tensor:
+        """Caption dropout on cached embeddings: each row becomes the context of "" with probability p_uncond,
+        drawn on the device, so no step waits for the host."""
+        drop = torch.rand(context.shape[0], device=context.device) < self.p_uncond
+        return torch.where(drop[:, None, None], self.unconditional, context.float())
 
 
 def build_train_dataset(
@@ -73,43 +98,76 @@ def build_train_dataset(
     text_encoder: TextEncoder,
     data_settings: Any,
     cache_dir: Path | None,
-    device: torch.device,
-    main_process_first: Any,
-) -> tuple[Dataset | IterableDataset, TextEmbeddingCache | None, float]:
-    """The dataset the loader reads, the text cache (or None), and the seconds spent building the caches.
+    accelerator: Accelerator,
+) -> tuple[Dataset | IterableDataset, Tensor | None, float]:
+    """The dataset the loader reads, the context of "" on the device when its items carry cached caption
+    embeddings (else None), and the seconds spent building the caches.
 
     With `cache_dir` the VAE moments and (for a frozen text encoder) the caption embeddings are computed
-    once (by the main process, the others wait and read the files); without it the raw dataset is returned
-    and both encoders run on every step. Only a fixed map-style dataset with deterministic preprocessing can be cached.
+    once, every process encoding its share in resumable parts; without it the raw dataset is returned and
+    both encoders run on every step. Only a fixed map-style dataset with deterministic preprocessing can be
+    cached.
     """
     if cache_dir is None:
         return dataset, None, 0.0
     start = time.perf_counter()
     fingerprint = weights_fingerprint(vae, {"data": asdict(data_settings), "size": len(dataset)})  # type: ignore[arg-type]
+    launch = {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "barrier": accelerator.wait_for_everyone,
+    }
 
     def encode_moments(x: Tensor) -> Tensor:
         return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters
 
-    with main_process_first():
-        latents = LatentCache.load_or_build(cache_dir / "latents.safetensors", encode_moments, dataset, fingerprint)
-        if not text_encoder.frozen:  # its embeddings change every step
-            return latents, None, time.perf_counter() - start
-        captions = TextEmbeddingCache.load_or_build(cache_dir / "captions.safetensors", text_encoder, latents.captions)
-    return latents, captions.to(device), time.perf_counter() - start
+    latents = LatentCache.load_or_build(cache_dir / "latents", encode_moments, dataset, fingerprint, **launch)
+    if not text_encoder.frozen:  # its embeddings change every step
+        return latents, None, time.perf_counter() - start
+    captions = TextEmbeddingCache.load_or_build(cache_dir / "captions", text_encoder, latents.captions, **launch)
+    unconditional = captions.encode([""]).to(accelerator.device, torch.float32)  # (1, L, D), moved once
+    return CachedExamples(latents, captions), unconditional, time.perf_counter() - start
+
+
+def use_latent_shards(
+    source: LatentShardSource, vae: AutoencoderKL, text_encoder: TextEncoder, cfg: Any, device: torch.device
+) -> Tensor | None:
+    """Check precomputed latent shards against this run's models, and have them carry their caption
+    embeddings when the text encoder is frozen. Returns the context of "" on `device` in that case, else None."""
+    where = source.folder / "manifest.json"
+    if source.manifest["vae"] != weights_fingerprint(vae, {}):
+        raise ValueError(f"{where}: the latents were made by another VAE than autoencoder={cfg.autoencoder}")
+    if source.manifest["data"]["resolution"] != cfg.data.resolution:
+        made = source.manifest["data"]["resolution"]
+        raise ValueError(f"{where}: the latents are of {made}px images, but data.resolution is {cfg.data.resolution}")
+    if not text_encoder.frozen:
+        return None  # encoded with gradients every step
+    if source.manifest["text_encoder"] != text_encoder.fingerprint():
+        raise ValueError(
+            f"{where}: the caption embeddings were made by another text encoder than this run's frozen one; "
+            "precompute again with this text_encoder section"
+        )
+    source.with_context = True
+    return text_encoder.unconditional(1).to(device, torch.float32)
 
 
 def collate_for(dataset: Dataset | IterableDataset) -> Callable[[list[Any]], dict[str, Any]]:
-    """How the loader stacks items of `dataset`: cached moments, or images."""
-    return collate_cached if isinstance(dataset, LatentCache) else collate_examples
+    """How the loader stacks items of `dataset`: cached or precomputed moments (and embeddings), or images."""
+    cached = isinstance(dataset, (LatentCache, CachedExamples, LatentShardSource))
+    return collate_cached if cached else collate_examples
 
 
 def cacheable(cfg: Any, dataset: Dataset | IterableDataset) -> bool:
     """Whether the run (a DiffusionExperimentConfig) uses the latent + text caches: asked for, and the data is
     a fixed, unaugmented set."""
-    if not cfg.train.cache_latents:
+    if not cfg.train.cache_latents or isinstance(dataset, LatentShardSource):  # the latter is latents already
         return False
     if isinstance(dataset, IterableDataset):
-        logger.info("train.cache_latents: streaming data (%s) is encoded on every step", cfg.data.source)
+        logger.info(
+            "train.cache_latents: streaming data (%s) is encoded on every step; `ldm precompute-latents` writes "
+            "its latents as shards to stream instead (data.source: latents)",
+            cfg.data.source,
+        )
         return False
     if cfg.data.random_flip or not cfg.data.center_crop:
         raise ValueError(

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conditioning import TextEmbeddingCache
 from ldm import LatentDiffusionPipeline
 from ldm.data import ShapesDataset, collate_examples
 from ldm.training import train_diffusion
-from ldm.training.batches import LatentBatches, collate_cached
+from ldm.training.batches import CachedExamples, LatentBatches, collate_cached
 from ldm.training.diffusion_stage import load_vae
 from ldm.training.latent_cache import LatentCache
 from ldm.training.runtime import learning_rate_factor
@@ -20,7 +21,8 @@ def test_a_tiny_run_trains_saves_and_samples(tiny_config, tmp_path):
     out = tmp_path / "run"
     metrics = train_diffusion(tiny_config(), out)
     assert metrics["step"] == 6 and metrics["latent_cache"] is True
-    assert (out / "cache" / "latents.safetensors").is_file() and (out / "cache" / "captions.safetensors").is_file()
+    assert (out / "cache" / "latents" / "manifest.json").is_file()
+    assert (out / "cache" / "captions" / "manifest.json").is_file()
     assert (out / "samples" / "step_0000003.png").is_file() and (out / "samples" / "final.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["step"] == 6
     pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
@@ -47,7 +49,7 @@ def test_a_trainable_text_encoder_is_trained_averaged_and_exported(tiny_config, 
     cfg.text_encoder.frozen = False
     out = tmp_path / "run"
     train_diffusion(cfg, out)
-    assert not (out / "cache" / "captions.safetensors").exists()  # its embeddings change every step
+    assert not (out / "cache" / "captions").exists()  # its embeddings change every step
     initial = TextEncoder.from_config(cfg.text_encoder).model.state_dict()
     pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
     trained = pipe.text_encoder.model.state_dict()
@@ -79,15 +81,22 @@ def test_cached_and_live_batches_give_the_same_latents(tiny_config, tiny_vae_dir
     cfg = tiny_config()
     vae, encoder = load_vae(str(tiny_vae_dir)).eval(), TextEncoder.from_config(cfg.text_encoder)
     data = ShapesDataset(4, resolution=16)
-    cache = LatentCache.build(lambda x: vae.encode(x).latent_dist.parameters, data, tmp_path / "l.safetensors", "fp")
-    to_latents = LatentBatches(vae, encoder, p_uncond=0.0)
+    cache = LatentCache.build(lambda x: vae.encode(x).latent_dist.parameters, data, tmp_path / "latents", "fp")
+    captions = TextEmbeddingCache.build(encoder, cache.captions, tmp_path / "captions")
+    examples = CachedExamples(cache, captions)
+    unconditional = encoder.unconditional(1)
     torch.manual_seed(3)
-    live, live_context = to_latents(collate_examples([data[i] for i in range(4)]))
+    live, live_context = LatentBatches(vae, encoder, p_uncond=0.0)(collate_examples([data[i] for i in range(4)]))
     torch.manual_seed(3)
-    cached, cached_context = to_latents(collate_cached([cache[i] for i in range(4)]))
+    to_latents = LatentBatches(vae, encoder, p_uncond=0.0, unconditional=unconditional)
+    cached, cached_context = to_latents(collate_cached([examples[i] for i in range(4)]))
     torch.testing.assert_close(live, cached, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(live_context["encoder_hidden_states"], cached_context["encoder_hidden_states"])
     assert live.std() > 0.1  # scaled by 0.7, non-trivial
+    # Caption dropout on cached embeddings: every row becomes the context of "".
+    dropped = LatentBatches(vae, encoder, p_uncond=1.0, unconditional=unconditional)
+    _, context = dropped(collate_cached([examples[i] for i in range(4)]))
+    torch.testing.assert_close(context["encoder_hidden_states"], unconditional.expand(4, -1, -1))
 
 
 def test_a_missing_autoencoder_is_a_clear_error(tiny_config, tmp_path):
