@@ -16,7 +16,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from accelerate.utils.launch import prepare_multi_gpu_env
 
 from ldm.unet import UNetConfig, build_unet
 
@@ -27,8 +27,7 @@ EXPECTED = {
     "multi_gpu.yaml": DistributedType.MULTI_GPU,
     "multi_node.yaml": DistributedType.MULTI_GPU,
     "fsdp.yaml": DistributedType.FSDP,
-    "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
-}
+}  # no DeepSpeed file: accelerate's backward steps its engine, so the non-finite guard could not skip an update
 
 
 def validated_launch(name: str):
@@ -69,17 +68,6 @@ def test_fsdp_config_builds_the_plugin_and_wraps_blocks_the_unet_has():
     unet = build_unet(tiny, in_channels=4, out_channels=4, cross_attention_dim=32, sample_size=8)
     present = {type(module).__name__ for module in unet.modules()}
     assert set(plugin.transformer_cls_names_to_wrap) <= present
-
-
-def test_deepspeed_config_launches_zero_2_matching_the_sd_training_config():
-    args, defaults, _ = validated_launch("deepspeed_zero2.yaml")
-    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
-    _, env = prepare_deepspeed_cmd_env(args)
-    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
-    # The launcher's values override the trainer's: they must equal the GPU config's (see the file's comment).
-    train = yaml.safe_load((CONFIGS.parent / "diffusion_sd_256.yaml").read_text(encoding="utf-8"))["train"]
-    assert int(env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]) == train["grad_accum"]
-    assert float(env["ACCELERATE_GRADIENT_CLIPPING"]) == train["grad_clip"]
 
 
 def test_slurm_script_is_valid_bash():

@@ -64,12 +64,13 @@ class AutoencoderStage:
         self.heldout_loader, self.scale_loader = heldout_loader, scale_loader
         model = KLAutoencoder(build_vae(cfg.model), cfg.loss.logvar_init)
         self.criterion = AutoencoderLoss(cfg.loss, perceptual).to(accelerator.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas)
+        # fused: one kernel, step counts on the device, and the guard's skip flag honoured there (no host sync)
+        optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas, fused=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.disc, self.disc_optimizer = None, None
         if cfg.loss.use_discriminator:
             disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers)
-            disc_optimizer = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr, betas=tc.adam_betas)
+            disc_optimizer = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr, betas=tc.adam_betas, fused=True)
             self.disc, self.disc_optimizer = accelerator.prepare(disc, disc_optimizer)
         self.models = [m for m in (self.model, self.disc) if m is not None]
         self.preview = batch_images(next(iter(heldout_loader)))[:8].to(accelerator.device)
@@ -90,7 +91,7 @@ class AutoencoderStage:
                 "discriminator", d_terms.loss, self.disc_optimizer, self.disc.parameters(), disc_lr, d_terms.logs
             )
 
-    def after_step(self, applied: Mapping[str, bool]) -> None:
+    def after_step(self, applied: Mapping[str, bool | torch.Tensor]) -> None:
         """Nothing: stage 1 keeps no running averages."""
 
     def write_samples(self, path: Path) -> None:

@@ -14,18 +14,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from conditioning import TextEncoder
 from ldm.data import build_dataset
+from ldm.data.latent_shards import LatentShardSource
 from ldm.diffusion import GaussianDiffusion, training_losses
 from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.training.batches import LatentBatches, build_train_dataset, cacheable, collate_for, require_captions
+from ldm.training.batches import (
+    LatentBatches,
+    build_train_dataset,
+    cacheable,
+    collate_for,
+    require_captions,
+    use_latent_shards,
+)
 from ldm.training.denoiser import Denoiser
 from ldm.training.diffusion_config import DiffusionExperimentConfig, latent_grid
-from ldm.training.distributed import prepare_loader
+from ldm.training.distributed import is_sharded, prepare_loader
 from ldm.training.ema import EMA
 from ldm.training.loaders import make_loader
 from ldm.training.runtime import TrainLoop, Update, start_run
@@ -52,11 +61,13 @@ def train_diffusion(
     require_captions(dataset)
     nets = build_networks(cfg, accelerator.device)
     cache_dir = (Path(tc.cache_dir) if tc.cache_dir else out / "cache") if cacheable(cfg, dataset) else None
-    dataset, text_cache, cache_seconds = build_train_dataset(
-        dataset, nets.vae, nets.text_encoder, cfg.data, cache_dir, accelerator.device, accelerator.main_process_first
+    dataset, unconditional, cache_seconds = build_train_dataset(
+        dataset, nets.vae, nets.text_encoder, cfg.data, cache_dir, accelerator
     )
+    if isinstance(dataset, LatentShardSource):
+        unconditional = use_latent_shards(dataset, nets.vae, nets.text_encoder, cfg, accelerator.device)
     loader = make_loader(dataset, tc, collate_fn=collate_for(dataset))
-    to_latents = LatentBatches(nets.vae, nets.text_encoder, cfg.text_encoder.p_uncond, text_cache)
+    to_latents = LatentBatches(nets.vae, nets.text_encoder, cfg.text_encoder.p_uncond, unconditional)
     cache_report = {"cache_seconds": round(cache_seconds, 1), "latent_cache": cache_dir is not None}
     stage = DiffusionStage(cfg, accelerator, nets, to_latents, Path(pipeline_dir or out / "pipeline"), cache_report)
     return TrainLoop(accelerator, stage, prepare_loader(accelerator, loader), tc, out).run(resume)
@@ -115,11 +126,15 @@ class DiffusionStage:
             lr=tc.lr,
             betas=tc.adam_betas,
             weight_decay=tc.weight_decay,
-            fused=device.type == "cuda",  # one kernel for all parameters; the CPU keeps the foreach default
+            fused=True,  # one kernel for all parameters, its step counts on the device, and the guard's skip flag
         )
         self.model, self.optimizer = accelerator.prepare(nets.denoiser, optimizer)
         self.models = [self.model]
+        # After `prepare`: under FSDP the parameters are sharded in place by then, and so is the average.
         self.ema = EMA(nets.denoiser, tc.ema_decay).to(device) if tc.ema_decay > 0 else None
+        self.ema_to_save: EMA | None = None  # the whole average, gathered by `gather_ema` for `save_state`
+        if self.ema is not None:
+            accelerator.register_save_state_pre_hook(self.gather_ema)
 
     def updates(self, batch: Any, step: int) -> Iterator[Update]:
         """The U-Net's update on fresh latents z ~ q(z | x) and the captions after dropout."""
@@ -127,42 +142,87 @@ class DiffusionStage:
         loss = diffusion_loss(self.diffusion, self.model, latents, conditioning, self.cfg)
         yield Update("unet", loss, self.optimizer, self.model.parameters(), self.cfg.train.lr, {"loss": loss.detach()})
 
-    def after_step(self, applied: Mapping[str, bool]) -> None:
+    def after_step(self, applied: Mapping[str, bool | torch.Tensor]) -> None:
         """Average the weights the update produced (none after a skipped update)."""
-        if self.ema is not None and applied.get("unet"):
-            self.ema.update(self.nets.denoiser)
+        if self.ema is not None and "unet" in applied:
+            self.ema.update(self.nets.denoiser, applied["unet"])  # a device flag is read on the device
 
     def write_samples(self, path: Path) -> None:
-        """The validation grid from the EMA weights."""
-        write_validation_grid(self.pipeline(), self.ema, self.nets.denoiser, self.cfg, path)
+        """The validation grid from the EMA weights. Under FSDP every process calls this (the weights are
+        gathered) and the main process samples and writes."""
+        with self.averaged_denoiser() as denoiser:
+            if denoiser is not None:
+                write_validation_grid(self.pipeline(denoiser), self.cfg, path)
         self.nets.denoiser.train().unet.requires_grad_(True)  # the pipeline put the U-Net in inference mode
 
+    def gather_ema(self, *_: Any) -> None:
+        """accelerate's save_state pre-hook, run on every process: the EMA made whole for `save_state`, which the
+        runtime calls on the main process alone (under FSDP, gathering the shards is a collective)."""
+        gathered = self.ema.gathered()
+        self.ema_to_save = gathered if self.accelerator.is_main_process else None
+
     def save_state(self, folder: Path) -> None:
-        """The EMA weights, beside accelerate's state."""
+        """The EMA weights, whole (as `gather_ema` gathered them), beside accelerate's state."""
         if self.ema is not None:
-            self.ema.save(folder / EMA_FILE)
+            (self.ema_to_save or self.ema).save(folder / EMA_FILE)
+            self.ema_to_save = None
 
     def load_state(self, folder: Path) -> None:
-        """Restore the EMA weights."""
+        """Restore the EMA weights (under FSDP each process keeps its shard of them)."""
         if self.ema is not None:
             self.ema.load(folder / EMA_FILE)
 
     def export(self, output_dir: Path) -> dict[str, Any]:
-        """The model folder with the EMA weights, and a last grid drawn from them."""
-        pipeline = self.pipeline()
-        if self.ema is not None:
-            self.ema.copy_to(self.nets.denoiser)
-        self.nets.text_encoder.set_frozen(True)  # trained or not, the exported encoder is for inference
-        pipeline.save_pretrained(self.pipeline_dir)
-        write_validation_grid(pipeline, None, self.nets.denoiser, self.cfg, output_dir / "samples" / "final.png")
+        """The model folder with the EMA weights, and a last grid drawn from them. Under FSDP every process calls
+        this (the weights are gathered) and the main process writes."""
+        with self.averaged_denoiser() as denoiser:
+            if denoiser is not None:
+                pipeline = self.pipeline(denoiser)
+                pipeline.text_encoder.set_frozen(True)  # trained or not, the exported encoder is for inference
+                pipeline.save_pretrained(self.pipeline_dir)
+                write_validation_grid(pipeline, self.cfg, output_dir / "samples" / "final.png")
         ema_updates = self.ema.num_updates if self.ema is not None else 0
         return {"ema_updates": ema_updates, **self.cache_report, "pipeline": str(self.pipeline_dir)}
 
-    def pipeline(self) -> LatentDiffusionPipeline:
-        """The text-to-image pipeline over the current networks, with the validation settings as its defaults."""
+    @contextlib.contextmanager
+    def averaged_denoiser(self) -> Iterator[Denoiser | None]:
+        """The denoiser with the EMA weights (its own without an EMA), whole, on the main process; None elsewhere.
+
+        Unsharded, it is the training model itself, holding the average for the block. Under FSDP every process
+        must enter: the shards, with the average swapped in, are gathered to the main process's CPU and it
+        samples from an unsharded copy on its device (a sharded model samples only with every process in step).
+        """
+        denoiser, main = self.nets.denoiser, self.accelerator.is_main_process
+        averaged = self.ema.averaged(denoiser) if self.ema is not None else contextlib.nullcontext()
+        if not is_sharded(denoiser):
+            with averaged:
+                yield denoiser if main else None
+            return
+        with averaged:
+            state = self.accelerator.get_state_dict(denoiser)  # a collective; empty except on the main process
+        yield unsharded_copy(denoiser, state).to(self.accelerator.device) if main else None
+
+    def pipeline(self, denoiser: Denoiser | None = None) -> LatentDiffusionPipeline:
+        """The text-to-image pipeline over `denoiser` (by default the training one) and the frozen networks, with
+        the validation settings as its defaults."""
         nets = self.nets
+        denoiser = nets.denoiser if denoiser is None else denoiser
+        text_encoder = nets.text_encoder if denoiser.text_encoder is None else denoiser.text_encoder  # trained?
         defaults = self.cfg.validation.sampling_defaults()
-        return LatentDiffusionPipeline(nets.vae, nets.text_encoder, nets.unet, self.cfg.noise, defaults)
+        return LatentDiffusionPipeline(nets.vae, text_encoder, denoiser.unet, self.cfg.noise, defaults)
+
+
+def unsharded_copy(denoiser: Denoiser, state: Mapping[str, torch.Tensor]) -> Denoiser:
+    """A plain Denoiser of `denoiser`'s architecture holding `state` (its whole state dict, e.g. gathered from
+    FSDP shards); no weight is initialized only to be overwritten."""
+    with init_empty_weights():  # parameters on the meta device until `state` is assigned
+        unet = UNet2DConditionModel.from_config(denoiser.unet.config)
+        encoder = denoiser.text_encoder
+        if encoder is not None:
+            encoder = TextEncoder(CLIPTextModel(encoder.model.config), encoder.tokenizer, encoder.config)
+    copy = Denoiser(unet, encoder)
+    copy.load_state_dict(state, assign=True)  # strict: every weight of the copy comes from `state`
+    return copy
 
 
 def diffusion_loss(
@@ -188,15 +248,11 @@ def diffusion_loss(
 
 
 @torch.no_grad()
-def write_validation_grid(
-    pipeline: LatentDiffusionPipeline, ema: EMA | None, denoiser: Denoiser, cfg: DiffusionExperimentConfig, path: Path
-) -> None:
-    """A PNG grid, one row per validation prompt, sampled with the EMA weights (of the pipeline's U-Net and
-    trained text encoder, which `denoiser` holds) and a fixed seed."""
+def write_validation_grid(pipeline: LatentDiffusionPipeline, cfg: DiffusionExperimentConfig, path: Path) -> None:
+    """A PNG grid, one row per validation prompt, sampled from `pipeline` with a fixed seed."""
     vc = cfg.validation
     generator = torch.Generator(pipeline.device).manual_seed(vc.seed)
-    with ema.averaged(denoiser) if ema is not None else contextlib.nullcontext():
-        images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
+    images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
     save_image_grid(images, path, rows=len(vc.prompts), scale=max(1, 64 // images[0].size[0]))  # small tiles enlarged
 
 

@@ -5,6 +5,8 @@
 - `reduce_mean`: logged values are means over all processes, not the main process's share alone.
 - `log_rank_step`: at DEBUG level (`ldm --log-level DEBUG ...`), one line per process and step with what
   it computed and which captions it trained on, so a multi-process run can be checked from its log.
+- `is_sharded`, `whole`, `placed_like`: under FSDP (accelerate's `fully_shard`) each parameter is a DTensor of
+  which a process holds one shard; these tell, gather (a collective) and re-shard such tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 logger = logging.getLogger(__name__)
@@ -54,3 +57,24 @@ def log_rank_step(accelerator: Accelerator, step: int, values: Mapping[str, floa
     captions = batch.get("captions", []) if isinstance(batch, dict) else []
     record = json.dumps({"values": numbers, "captions": list(captions)}, ensure_ascii=False)
     logger.debug("rank %d step %d %s", accelerator.process_index, step, record)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model`'s parameters are sharded over the processes (FSDP), so each process holds only a part."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """The full tensor: a sharded one gathered from every process (a collective: every rank must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def placed_like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` (a whole tensor every process holds) on `like`'s device and dtype, and sharded as `like` is.
+
+    Each process keeps its own slice; nothing is communicated (`src_data_rank=None`).
+    """
+    if not isinstance(like, DTensor):
+        return full.to(like.device, like.dtype)
+    full = full.to(like.device, like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)

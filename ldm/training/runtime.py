@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -60,11 +60,12 @@ class Stage(Protocol):
     def updates(self, batch: Any, step: int) -> Iterator[Update]:
         """The step's updates, in order; each is applied before the next is computed."""
 
-    def after_step(self, applied: Mapping[str, bool]) -> None:
-        """Called once per optimizer step with which updates happened (e.g. to update an EMA)."""
+    def after_step(self, applied: Mapping[str, bool | Tensor]) -> None:
+        """Called once per optimizer step with which updates happened (e.g. to update an EMA): a bool, or a
+        0-dim bool tensor on the device when the guard decided there (reading it would sync with the host)."""
 
     def write_samples(self, path: Path) -> None:
-        """Write a PNG grid (main process only)."""
+        """Write a PNG grid (called on the main process; under FSDP on every process, and the main one writes)."""
 
     def save_state(self, folder: Path) -> None:
         """Write what the checkpoint holds beyond models, optimizers and RNGs (main process only)."""
@@ -73,7 +74,7 @@ class Stage(Protocol):
         """Restore what `save_state` wrote."""
 
     def export(self, output_dir: Path) -> dict[str, Any]:
-        """Write the trained model (main process only); returns the stage's metrics."""
+        """Write the trained model (called as write_samples is); returns the stage's metrics."""
 
 
 def start_run(cfg: Any, tc: TrainConfig, output_dir: Path, project: str) -> Accelerator:
@@ -85,6 +86,11 @@ def start_run(cfg: Any, tc: TrainConfig, output_dir: Path, project: str) -> Acce
         log_with=accelerator_log_with(tc.log_with),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "train.mixed_precision: fp16 on the CPU is float32 in disguise (accelerate neither autocasts nor scales "
+            "the loss there); use bf16, which the CPU runs, or no"
+        )
     set_seed(tc.seed, device_specific=True)  # seed + rank; models are identical anyway (DDP broadcasts rank 0's)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -137,7 +143,7 @@ class TrainLoop:
                 self.log(progress)
                 self.sample()
                 stop = signals.requested(self.accelerator)
-                if stop or (self.guard.healthy and self.checkpoint_due()):
+                if stop or (self.checkpoint_due() and self.guard.healthy(self.step)):
                     self.save()
                 if stop:
                     return stopped_early(self.accelerator, self.out, self.step, signals.received)
@@ -148,7 +154,7 @@ class TrainLoop:
         True when that completed an optimizer step."""
         batch = next(self.batches)
         logs: dict[str, float | Tensor] = {}
-        applied: dict[str, bool] = {}
+        applied: dict[str, bool | Tensor] = {}
         accelerator, lr_factor = self.accelerator, learning_rate_factor(self.step, self.tc)
         with accelerator.accumulate(*self.stage.models), accelerator.autocast():
             for update in self.stage.updates(batch, self.step):
@@ -164,7 +170,7 @@ class TrainLoop:
         if not accelerator.sync_gradients:
             return False
         self.step += 1
-        self.guard.end_step(self.step)  # raises after train.max_nonfinite_steps skipped updates in a row
+        self.guard.end_step()  # counted on the device; `check` reads the counts at log and checkpoint steps
         self.stage.after_step(applied)
         self.logs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}
         self.recent.append({k: v for k, v in self.logs.items() if k in self.stage.headline})
@@ -174,14 +180,15 @@ class TrainLoop:
         """Every train.log_every steps: the step's values averaged over processes, to the tracker and the bar."""
         if self.step % self.tc.log_every:
             return
+        self.guard.check(self.step)  # raises after train.max_nonfinite_steps skipped updates in a row
         logged = reduce_mean(self.accelerator, {k: float(v) for k, v in self.logs.items()})  # every process joins
         progress.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k in self.stage.headline})
         extra = {"train/lr": self.lr, "train/nonfinite_steps": self.guard.total}
         self.accelerator.log({f"train/{k}": v for k, v in logged.items()} | extra, step=self.step)
 
     def sample(self) -> None:
-        """Every train.sample_every steps, the stage's sample grid (main process)."""
-        if self.step % self.tc.sample_every == 0 and self.is_main:
+        """Every train.sample_every steps, the stage's sample grid (see `joins_outputs`)."""
+        if self.step % self.tc.sample_every == 0 and self.joins_outputs:
             self.stage.write_samples(self.out / "samples" / f"step_{self.step:07d}.png")
 
     def checkpoint_due(self) -> bool:
@@ -190,6 +197,7 @@ class TrainLoop:
 
     def save(self) -> None:
         """A complete, atomic checkpoint of this step (every process takes part)."""
+        self.guard.check(self.step)  # the counters the checkpoint records
         keep, extra = self.tc.keep_checkpoints, self.stage.save_state
         save_training_state(self.accelerator, self.out, self.step, self.batches, self.guard, keep, extra)
 
@@ -199,9 +207,12 @@ class TrainLoop:
         self.stage.load_state(folder)
 
     def finish(self, first_step: int, train_seconds: float) -> dict[str, Any]:
-        """After the last step: the stage's export and the run's metrics (main process), then the end barrier."""
+        """After the last step: the stage's export (see `joins_outputs`) and the run's metrics (main process),
+        then the end barrier."""
         self.accelerator.wait_for_everyone()
+        self.guard.check(self.step)
         recent = reduce_mean(self.accelerator, self.recent_means())  # every process joins
+        exported = self.stage.export(self.out) if self.joins_outputs else {}
         metrics: dict[str, Any] = {}
         if self.is_main:
             steps = self.step - first_step
@@ -210,7 +221,7 @@ class TrainLoop:
             metrics |= {f"{key}_last_{RECENT_STEPS}_steps": value for key, value in recent.items()}
             metrics["train_seconds"] = round(train_seconds, 1)
             metrics["images_per_second"] = round(images / train_seconds, 1) if train_seconds > 0 else None
-            metrics |= self.stage.export(self.out)
+            metrics |= exported
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             logger.info("%s done: %s", self.stage.name, json.dumps(metrics))
         self.accelerator.end_training()
@@ -233,3 +244,9 @@ class TrainLoop:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def joins_outputs(self) -> bool:
+        """Whether this process calls the stage's write_samples and export: the main process, and under FSDP every
+        process, since each holds a shard of the weights and gathering them is a collective."""
+        return self.is_main or self.accelerator.distributed_type == DistributedType.FSDP

@@ -22,6 +22,7 @@ from ldm.training.checkpoint import (
 )
 from ldm.training.faults import NonFiniteGuard, StopSignal
 from ldm.training.training_state import DataStream
+from tests.host_round_trips import HostRoundTrips
 
 
 @pytest.fixture
@@ -83,9 +84,13 @@ def test_the_data_stream_resumes_mid_epoch_with_the_batches_the_straight_run_dra
     assert [next(resumed).tolist() for _ in range(4)] == expected[4:]
 
 
-def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator):
+@pytest.mark.parametrize("fused", [False, True], ids=["host", "device"])
+def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator, fused):
+    """SGD is decided on the host; a fused AdamW on the device (its kernel honours the guard's found_inf)."""
     model = nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(model.parameters(), 0.1)
+    )
     model, opt = accelerator.prepare(model, opt)
     guard = NonFiniteGuard(limit=2)
     weights = model.weight.detach().clone()
@@ -95,23 +100,42 @@ def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator):
     guard.watch("net", loss)
     assert not guard.apply(accelerator, "net", opt, model.parameters())
     assert torch.equal(model.weight, weights) and model.weight.grad is None  # no step, gradients zeroed
-    guard.end_step(1)
-    assert (guard.total, guard.streak, guard.healthy) == (1, 1, False)
+    guard.end_step()
+    assert guard.total == 0  # counted on the device until a check reads it
+    assert not guard.healthy(1) and (guard.total, guard.streak) == (1, 1)
 
     model(torch.ones(1, 2)).sum().backward()
     assert guard.apply(accelerator, "net", opt, model.parameters())
-    guard.end_step(2)
+    guard.end_step()
+    guard.check(2)
     assert (guard.total, guard.streak) == (1, 0) and not torch.equal(model.weight, weights)
+    if fused:  # the skipped update left no trace in the optimizer either: one step taken
+        assert int(opt.optimizer.state[opt.optimizer.param_groups[0]["params"][0]]["step"]) == 1
 
-    for step in (3, 4):
+    for _ in (3, 4):
         model(torch.ones(1, 2)).sum().backward()
         model.weight.grad[0, 0] = float("nan")
         guard.apply(accelerator, "net", opt, model.parameters())
-        if step == 4:
-            with pytest.raises(RuntimeError, match=r"step 4: 2 steps in a row.*train\.max_nonfinite_steps=2"):
-                guard.end_step(step)
-        else:
-            guard.end_step(step)
+        guard.end_step()
+    with pytest.raises(RuntimeError, match=r"step 4: 2 steps in a row.*train\.max_nonfinite_steps=2"):
+        guard.check(4)
+
+
+def test_a_device_decision_never_waits_for_the_host(accelerator):
+    model = nn.Linear(2, 1)
+    model, opt = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    guard = NonFiniteGuard(limit=2)
+    for value in (float("nan"), 1.0):
+        loss = model(torch.full((1, 2), value)).sum()
+        loss.backward()
+        with HostRoundTrips() as trips:
+            guard.watch("net", loss)
+            applied = guard.apply(accelerator, "net", opt, model.parameters(), clip=1.0)
+            guard.end_step()
+        assert trips.total == 0, str(trips)
+        assert isinstance(applied, torch.Tensor) and bool(applied) == (value == 1.0)
+    guard.check(2)
+    assert (guard.total, guard.streak) == (1, 0)
 
 
 @pytest.fixture
@@ -139,7 +163,8 @@ def test_an_fp16_overflow_skips_the_update_and_halves_the_loss_scale(clip, fresh
     accelerator.backward(loss)
     guard.watch("net", loss)
     assert not guard.apply(accelerator, "net", opt, model.parameters(), clip)
-    guard.end_step(1)
+    guard.end_step()
+    guard.check(1)
     assert accelerator.scaler.get_scale() == 512.0 and torch.equal(model.weight, weights)
     # The scaler's normal search for its scale, not a non-finite step: it does not count towards the limit.
     assert (guard.total, guard.streak, guard.overflows) == (0, 0, 1)
@@ -148,7 +173,8 @@ def test_an_fp16_overflow_skips_the_update_and_halves_the_loss_scale(clip, fresh
     accelerator.backward(loss)
     guard.watch("net", loss)
     assert guard.apply(accelerator, "net", opt, model.parameters(), clip)
-    guard.end_step(2)
+    guard.end_step()
+    guard.check(2)
     # The update used the unscaled gradient (clipped to norm 1 when asked); the scale is kept.
     step = 0.1 * (torch.ones(1, 2) / 2**0.5 if clip else torch.ones(1, 2))
     torch.testing.assert_close(weights - model.weight.detach(), step)
@@ -167,7 +193,8 @@ def test_fp16_start_up_overflows_do_not_stop_the_run_but_nan_losses_and_a_scale_
         accelerator.backward(loss)
         guard.watch("net", loss)
         stepped = guard.apply(accelerator, "net", opt, model.parameters())
-        guard.end_step(number)  # raises once 3 steps in a row are non-finite
+        guard.end_step()
+        guard.check(number)  # raises once 3 steps in a row are non-finite
         return stepped
 
     # The forward runs in fp16 (max 65504): a gradient of 1000 x scale overflows there until the scale is 64, so

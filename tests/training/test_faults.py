@@ -155,12 +155,21 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_leave_the_last_good_checkpoin
         caplog.at_level(logging.WARNING),
         pytest.raises(RuntimeError, match=r"step 5: 3 steps in a row.*train\.max_nonfinite_steps=3"),
     ):
-        train(tmp_path, resume="latest", steps=10, checkpoint_every=2, max_nonfinite_steps=3)
+        # The counters are read at log steps (every step here), so the run stops at the step the limit is reached.
+        train(tmp_path, resume="latest", steps=10, checkpoint_every=2, max_nonfinite_steps=3, log_every=1)
 
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000002"]  # none at step 4, no temp folder
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
-    skipped = [r.getMessage() for r in caplog.records if f"skipped the {UPDATE_NAME[stage]} update" in r.getMessage()]
-    assert [m.split(":")[0] for m in skipped] == ["step 3", "step 4", "step 5"]
+    skipped = [r.getMessage() for r in caplog.records if f"their update ({UPDATE_NAME[stage]})" in r.getMessage()]
+    assert [m.split(":")[0] for m in skipped] == ["up to step 3", "up to step 4", "up to step 5"]
+
+
+@pytest.mark.parametrize("train", STAGES, indirect=True)
+def test_a_streak_between_log_steps_stops_the_run_at_the_next_check(train, request, tmp_path, monkeypatch):
+    stage = request.node.callspec.params["train"]
+    poison_steps(monkeypatch, stage, {2, 3, 4})  # a streak of 3 that ends before the log step 6
+    with pytest.raises(RuntimeError, match=r"step 6: 3 steps in a row"):
+        train(tmp_path, steps=10, checkpoint_every=100, sample_every=100, max_nonfinite_steps=3, log_every=6)
 
 
 @pytest.mark.parametrize("train", STAGES, indirect=True)
@@ -236,7 +245,7 @@ def diffusion_launch(tmp_path: Path, vae: Path) -> LaunchCase:
     out = tmp_path / "dm"
     args = ["train-diffusion", "--config", str(tmp_path / "dm.yaml"), "--output-dir", str(out)]
     shapes = ShapesDataset(64, resolution=RES, split="train", seed=0)
-    files = ("cache/latents.safetensors", "cache/captions.safetensors", "checkpoints/step_0000004/ema.safetensors")
+    files = ("cache/latents/manifest.json", "cache/captions/manifest.json", "checkpoints/step_0000004/ema.safetensors")
     files += ("pipeline/unet/diffusion_pytorch_model.safetensors",)
     captions = [shapes[i]["caption"] for i in range(len(shapes))]
     return LaunchCase(args, out, "loss", captions, files, resumed_metrics={"ema_updates": 8})
