@@ -42,6 +42,8 @@ class AutoencoderExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        if self.data.source == "latents":
+            raise ValueError("data.source: 'latents' are stage 2's input; the autoencoder trains on images")
         # Checked when the config is read: the decoder of an f-times downsampling VAE returns sides that are
         # multiples of f, so any other resolution would only fail at the first loss, after start-up.
         levels = len(self.model.block_out_channels)

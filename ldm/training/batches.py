@@ -1,9 +1,11 @@
-"""Where a stage-2 batch comes from: the latent + text caches, or the frozen encoders run on every step.
+"""Where a stage-2 batch comes from: the latent + text caches, precomputed latent shards, or the frozen
+encoders run on every step.
 
-Both sources turn a loader batch into the same pair: latents z * scaling_factor (B, C, h, w), drawn
+Every source turns a loader batch into the same pair: latents z * scaling_factor (B, C, h, w), drawn
 fresh from q(z | x), and the U-Net's conditioning for the captions after caption dropout: the text
-context `encoder_hidden_states` (B, L, D) from a frozen encoder, or the `captions` themselves when the
-encoder trains with the U-Net (it then runs inside the model's forward pass; see `Denoiser`).
+context `encoder_hidden_states` (B, L, D) from a frozen encoder (cached embeddings arrive with the batch,
+and their dropout is drawn on the device), or the `captions` themselves when the encoder trains with the
+U-Net (it then runs inside the model's forward pass; see `Denoiser`).
 """
 
 from __future__ import annotations

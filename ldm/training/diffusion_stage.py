@@ -88,13 +88,17 @@ def build_networks(cfg: DiffusionExperimentConfig, device: torch.device) -> Netw
     """The VAE from cfg.autoencoder, the text encoder and a fresh (or pretrained) U-Net sized for their outputs."""
     vae = load_vae(cfg.autoencoder).to(device).eval().requires_grad_(False)
     text_encoder = TextEncoder.from_config(cfg.text_encoder).to(device)
-    unet = build_unet(
-        cfg.unet,
-        in_channels=vae.config.latent_channels,
-        out_channels=vae.config.latent_channels * cfg.noise.output_channels_factor,
-        cross_attention_dim=text_encoder.hidden_size,
-        sample_size=latent_size(cfg, vae),
-    )
+    # The same random init on every process whatever its rank: DDP would broadcast rank 0's weights anyway, but
+    # FSDP keeps each process's own shard, which must then come from the same draw.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        unet = build_unet(
+            cfg.unet,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels * cfg.noise.output_channels_factor,
+            cross_attention_dim=text_encoder.hidden_size,
+            sample_size=latent_size(cfg, vae),
+        )
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.train.compile:

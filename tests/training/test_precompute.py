@@ -42,7 +42,7 @@ def test_shards_hold_the_moments_of_every_image_and_its_mirror(tiny_config, tmp_
     assert "context" in _items(tmp_path / "latents", with_context=True)[0]  # the encoder is frozen
 
 
-def test_an_interrupted_precompute_resumes_and_a_stale_one_is_redone(tiny_config, tmp_path, monkeypatch):
+def test_an_interrupted_precompute_resumes_and_a_stale_one_is_redone(tiny_config, tmp_path):
     cfg = tiny_config()
     cfg.data.num_samples = 12
     out = tmp_path / "latents"
@@ -70,3 +70,16 @@ def test_stage_2_trains_on_precomputed_latents_and_refuses_other_models(tiny_con
     cfg.text_encoder.seed, cfg.data.resolution = 0, 32
     with pytest.raises(ValueError, match="latents are of 16px images"):
         train_diffusion(cfg, tmp_path / "other2")
+
+
+def test_latents_are_refused_where_images_are_needed(tmp_path):
+    from ldm.config import ConfigError, load_config
+    from ldm.data import DataConfig, build_dataset
+    from ldm.training import AutoencoderExperimentConfig
+
+    with pytest.raises(ConfigError, match=r"data\.source: 'latents' are stage 2's input"):
+        load_config(AutoencoderExperimentConfig, None, ["data.source=latents", f"data.train_path={tmp_path}"])
+    with pytest.raises(ValueError, match="holds no images to evaluate"):
+        build_dataset(DataConfig(source="latents", train_path=str(tmp_path)), "heldout")
+    with pytest.raises(FileNotFoundError, match="write the latent shards with `ldm precompute-latents`"):
+        build_dataset(DataConfig(source="latents", train_path=str(tmp_path)), "train")

@@ -127,3 +127,17 @@ def test_an_image_folder_without_captions_stops_a_text_to_image_run(tiny_config,
     with pytest.raises(ValueError, match=r"images has no metadata\.jsonl, so every caption would be empty"):
         train_diffusion(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "cache").exists()
+
+
+def test_every_rank_builds_the_same_unet_and_keeps_its_own_random_stream(tiny_config):
+    from accelerate.utils import set_seed
+
+    from ldm.training.diffusion_stage import build_networks
+
+    cfg, weights, draws = tiny_config(), [], []
+    for rank in (0, 1):
+        set_seed(cfg.train.seed + rank)  # as start_run seeds each process
+        weights.append(build_networks(cfg, torch.device("cpu")).unet.state_dict())
+        draws.append(torch.rand(3))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # FSDP shards fit together
+    assert not torch.equal(draws[0], draws[1])  # ranks still draw their own noise
