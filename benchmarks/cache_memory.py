@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from ldm.evaluation.machine import peak_resident_mb
 
 TEXT_SHAPE = (77, 768)
 PART_SIZE = 4096
@@ -94,15 +95,6 @@ def write_caches(folder: Path, size: int) -> Path:
         build_parts(run / "cache" / "captions", TEXT_FORMAT, text_fp, parts, text_part, content, desc="captions")
         finish_build(run / "cache" / "captions", TEXT_FORMAT, text_fp, parts, content)
     return run
-
-
-def peak_resident_mb() -> float:
-    """This process's peak resident memory (VmHWM): its own, unlike ru_maxrss, which a child started with
-    fork + exec inherits from its parent (the parent that wrote gigabytes of cache)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best available
 
 
 def child(folder: Path, size: int, steps: int) -> None:

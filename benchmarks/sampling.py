@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ldm.evaluation.machine import peak_resident_mb
 
 PROMPTS = ["a large red circle on a white background", "a small blue square at the top left on a yellow background"]
 
@@ -59,7 +60,7 @@ def run(which: str, folder: Path, batch: int, steps: int, guidance: float, repea
         start = time.perf_counter()
         draw()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_resident_mb()
     return {"seconds_per_image": statistics.median(times) / batch, "peak_rss_mb": peak, "images": images.tolist()}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 from pathlib import Path
 
 import torch
@@ -30,3 +31,14 @@ def describe_machine(device: torch.device | str = "cpu") -> str:
         f"{cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {where}"
     )
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM). Unlike ru_maxrss, which a child started with fork +
+    exec inherits from its parent, it is the process's own: what a benchmark's worker should report."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best available
