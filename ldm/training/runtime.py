@@ -208,7 +208,7 @@ class TrainLoop:
 
     def finish(self, first_step: int, train_seconds: float) -> dict[str, Any]:
         """After the last step: the stage's export (see `joins_outputs`) and the run's metrics (main process),
-        then the end barrier."""
+        between two barriers."""
         self.accelerator.wait_for_everyone()
         self.guard.check(self.step)
         recent = reduce_mean(self.accelerator, self.recent_means())  # every process joins
@@ -224,6 +224,9 @@ class TrainLoop:
             metrics |= exported
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             logger.info("%s done: %s", self.stage.name, json.dumps(metrics))
+        # Every process leaves together, once the export is written: a rank that tore down its process group
+        # and exited while the main process still exported was seen to abort in gloo's teardown (SIGABRT).
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return metrics
 

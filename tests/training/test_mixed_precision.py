@@ -182,6 +182,6 @@ def test_stage_2_trains_in_bf16_and_its_export_samples(tiny_config, tmp_path, lo
 
 
 def test_fp16_on_the_cpu_is_refused_before_any_work(tiny_config, tmp_path):
-    with pytest.raises(ValueError, match="train.mixed_precision: fp16 on the CPU is float32 in disguise"):
+    with pytest.raises(ValueError, match=r"train\.mixed_precision: fp16 on the CPU is float32 in disguise"):
         train_diffusion(tiny_config(mixed_precision="fp16"), tmp_path / "run")
     assert not (tmp_path / "run" / "cache").exists()
