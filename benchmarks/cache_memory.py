@@ -56,7 +56,7 @@ def write_caches(folder: Path, size: int) -> Path:
     from conditioning.cache import CACHE_FORMAT as TEXT_FORMAT
     from conditioning.cache import _digest
     from conditioning.fingerprint import weights_fingerprint
-    from conditioning.sharded_cache import build_parts, finish_build, num_parts_for, read_manifest
+    from conditioning.sharded_cache import build_sharded, num_parts_for, read_manifest
     from ldm.training.diffusion_stage import load_vae
     from ldm.training.latent_cache import CACHE_FORMAT as LATENT_FORMAT
 
@@ -79,8 +79,7 @@ def write_caches(folder: Path, size: int) -> Path:
             rows = captions[p * PART_SIZE : (p + 1) * PART_SIZE]
             return {"moments": torch.randn(len(rows), 8, 8, 8) * 0.1}, rows
 
-        build_parts(run / "cache" / "latents", LATENT_FORMAT, latent_fp, parts, latent_part, desc="latents")
-        finish_build(run / "cache" / "latents", LATENT_FORMAT, latent_fp, parts)
+        build_sharded(run / "cache" / "latents", LATENT_FORMAT, latent_fp, parts, latent_part, desc="latents")
     encoder = TextEncoder.from_config(cfg.text_encoder)
     unique = ["", *captions]
     text_fp = encoder.fingerprint()
@@ -92,8 +91,7 @@ def write_caches(folder: Path, size: int) -> Path:
             hidden = torch.randn(len(rows), *TEXT_SHAPE, dtype=torch.float16)
             return {"hidden_states": hidden, "pooled": hidden[:, 0].clone()}, rows
 
-        build_parts(run / "cache" / "captions", TEXT_FORMAT, text_fp, parts, text_part, content, desc="captions")
-        finish_build(run / "cache" / "captions", TEXT_FORMAT, text_fp, parts, content)
+        build_sharded(run / "cache" / "captions", TEXT_FORMAT, text_fp, parts, text_part, content, desc="captions")
     return run
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from conditioning.sharded_cache import ShardedCache, build_parts, finish_build, num_parts_for, read_manifest
+from conditioning.sharded_cache import ShardedCache, build_sharded, no_barrier, num_parts_for, read_manifest
 from conditioning.text_encoder import TextEmbeddings, TextEncoder
 from conditioning.tokenizer import validate_prompts
 
@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "ldm-text-embedding-cache/2"
 PART_SIZE = 4096  # captions per part file: about 0.5 GB of SD-1.x embeddings in fp16
-
-
-def _no_barrier() -> None:
-    """A single process has nobody to wait for."""
 
 
 class TextEmbeddingCache:
@@ -63,7 +59,7 @@ class TextEmbeddingCache:
         part_size: int = PART_SIZE,
         rank: int = 0,
         world_size: int = 1,
-        barrier: Callable[[], None] = _no_barrier,
+        barrier: Callable[[], None] = no_barrier,
     ) -> TextEmbeddingCache:
         """Encode the distinct captions (plus "") with a frozen `encoder` into the cache folder `folder`.
 
@@ -91,15 +87,9 @@ class TextEmbeddingCache:
                     pooled.append(out.pooled.to("cpu", dtype or out.pooled.dtype))
             return {"hidden_states": torch.cat(hidden), "pooled": torch.cat(pooled)}, texts
 
-        fingerprint = encoder.fingerprint()
-        build_parts(
-            folder, CACHE_FORMAT, fingerprint, num_parts, encode_part, content, rank, world_size, "encoding captions"
-        )
-        barrier()
-        if rank == 0:
-            finish_build(folder, CACHE_FORMAT, fingerprint, num_parts, content)
-            logger.info("cached %d distinct captions in %s (%d parts)", len(unique), folder, num_parts)
-        barrier()
+        fingerprint, launch = encoder.fingerprint(), (rank, world_size, barrier)
+        build_sharded(folder, CACHE_FORMAT, fingerprint, num_parts, encode_part, content, *launch, "encoding captions")
+        logger.info("cached %d distinct captions in %s (%d parts)", len(unique), folder, num_parts)
         return cls._open(folder)
 
     @classmethod
@@ -126,7 +116,7 @@ class TextEmbeddingCache:
         part_size: int = PART_SIZE,
         rank: int = 0,
         world_size: int = 1,
-        barrier: Callable[[], None] = _no_barrier,
+        barrier: Callable[[], None] = no_barrier,
     ) -> TextEmbeddingCache:
         """The cache at `folder` if it was made by `encoder` and holds every caption; otherwise (re)build it.
 

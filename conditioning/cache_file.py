@@ -65,6 +65,14 @@ def write_cache_file(
     _fsync_directory(path.parent)  # make the rename itself survive a power cut
 
 
+def write_json_atomically(path: str | Path, value: object) -> None:
+    """Write `value` as JSON to `path` under a temporary name beside it, then rename: never half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_cache_file(path: str | Path, fmt: str, what: str, remedy: str = "", tensors: bool = True) -> CacheFile:
     """Read a file written by `write_cache_file` with format `fmt`; errors name `path` and the `what` expected.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from conditioning.cache_file import cache_file_fingerprint, read_cache_file, write_cache_file
+from conditioning.cache_file import cache_file_fingerprint, read_cache_file, write_cache_file, write_json_atomically
 
 MANIFEST = "manifest.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -61,7 +61,37 @@ def read_manifest(folder: str | Path, fmt: str) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == fmt else None
 
 
-def build_parts(
+def no_barrier() -> None:
+    """A single process has nobody to wait for."""
+
+
+def build_sharded(
+    folder: str | Path,
+    fmt: str,
+    fingerprint: str,
+    num_parts: int,
+    make_part: PartBuilder,
+    content: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = no_barrier,
+    desc: str = "caching",
+) -> None:
+    """Build the cache at `folder` with every rank of a launch: each calls this with its `rank`, the
+    `world_size` and a `barrier` (e.g. `accelerator.wait_for_everyone`) and writes its share of the parts;
+    rank 0 then writes the manifest, and every rank returns once it exists.
+
+    `make_part(p)` returns part p's named row tensors (first dimension: rows) and one string per row;
+    `content` is a digest of the rows' inputs beyond `fingerprint`.
+    """
+    _write_owned_parts(folder, fmt, fingerprint, num_parts, make_part, content, rank, world_size, desc)
+    barrier()
+    if rank == 0:
+        _write_manifest(folder, fmt, fingerprint, num_parts, content)
+    barrier()
+
+
+def _write_owned_parts(
     folder: str | Path,
     fmt: str,
     fingerprint: str,
@@ -72,12 +102,8 @@ def build_parts(
     world_size: int = 1,
     desc: str = "caching",
 ) -> None:
-    """Write the parts this rank owns (p % world_size == rank) that are missing or stale.
-
-    `make_part(p)` returns the part's named row tensors (first dimension: rows) and one string per row;
-    `content` is a digest of the rows' inputs beyond `fingerprint`. Only rank 0 shows a progress bar (over
-    its own share). Call `finish_build` after a barrier.
-    """
+    """Write the parts this rank owns (p % world_size == rank) that are missing or stale; only rank 0 shows a
+    progress bar (over its own share)."""
     folder = Path(folder)
     if rank == 0:
         (folder / MANIFEST).unlink(missing_ok=True)  # an older manifest must not outlive the parts it describes
@@ -102,8 +128,8 @@ def build_parts(
         )
 
 
-def finish_build(folder: str | Path, fmt: str, fingerprint: str, num_parts: int, content: str = "") -> None:
-    """Rank 0, after every rank's `build_parts`: check the parts and write the manifest that marks the cache done."""
+def _write_manifest(folder: str | Path, fmt: str, fingerprint: str, num_parts: int, content: str) -> None:
+    """Rank 0, once every rank wrote its parts: check them and write the manifest that marks the cache done."""
     folder = Path(folder)
     rows = []
     for part in range(num_parts):
@@ -111,9 +137,7 @@ def finish_build(folder: str | Path, fmt: str, fingerprint: str, num_parts: int,
             raise RuntimeError(f"{part_path(folder, part)}: missing or stale after the build; did a rank fail?")
         rows.append(_RowFile(part_path(folder, part)).num_rows)
     manifest = {"format": fmt, "fingerprint": fingerprint, "content": content, "parts": rows}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomically(folder / MANIFEST, manifest)
 
 
 def num_parts_for(num_rows: int, part_size: int) -> int:

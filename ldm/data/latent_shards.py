@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from webdataset.tariterators import tarfile_samples
 
-from ldm.data.webdataset_source import _shuffle, distributed_rank_and_world, shards_for_consumer
+from ldm.data.webdataset_source import shuffle_stream, this_consumers_shards
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ldm-latent-shards/1"
@@ -98,16 +98,11 @@ class LatentShardSource(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world = distributed_rank_and_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards = shards_for_consumer(self.shards, rank, world, worker, workers, self.seed, self.epoch)
+        shards = this_consumers_shards(self.shards, self.rank, self.world_size, self.seed, self.epoch)
         flips = random.Random(f"flip/{self.seed}/{self.epoch}/{shards[0]}")
         stream = (self._item(sample, flips) for sample in tarfile_samples({"url": url} for url in shards))
         if self.shuffle_buffer > 0:
-            stream = _shuffle(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{shards[0]}"))
+            stream = shuffle_stream(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{shards[0]}"))
         yield from stream
 
     def _item(self, sample: dict[str, Any], flips: random.Random) -> dict[str, Any]:

@@ -91,6 +91,19 @@ def shards_for_consumer(
     return order[rank * num_workers + worker_id :: consumers]
 
 
+def this_consumers_shards(
+    shards: Sequence[str], rank: int | None, world_size: int | None, seed: int, epoch: int, shuffle: bool = True
+) -> list[str]:
+    """`shards_for_consumer` for the calling process and data-loader worker: `rank` / `world_size` when given,
+    else the launcher's (`distributed_rank_and_world`), and the worker from torch's worker info."""
+    launch_rank, launch_world = distributed_rank_and_world()
+    rank = launch_rank if rank is None else rank
+    world_size = launch_world if world_size is None else world_size
+    info = get_worker_info()
+    worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return shards_for_consumer(shards, rank, world_size, worker_id, num_workers, seed, epoch, shuffle)
+
+
 class WebDatasetSource(IterableDataset):
     """Items `{"pixel_values": (3, R, R) in [-1, 1], "caption": str}` streamed from WebDataset shards.
 
@@ -132,13 +145,8 @@ class WebDatasetSource(IterableDataset):
 
     def consumer_shards(self) -> list[str]:
         """The shards this process and data-loader worker read in the current epoch."""
-        rank, world = distributed_rank_and_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
-        info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return shards_for_consumer(
-            self.shards, rank, world, worker_id, num_workers, self.seed, self.epoch, self.shuffle_shards
+        return this_consumers_shards(
+            self.shards, self.rank, self.world_size, self.seed, self.epoch, self.shuffle_shards
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -146,7 +154,7 @@ class WebDatasetSource(IterableDataset):
         stream = self._decode(shards)
         if self.shuffle_buffer > 0:
             # Seeded per consumer (by its first shard) and epoch, so a run is reproducible.
-            stream = _shuffle(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{shards[0]}"))
+            stream = shuffle_stream(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{shards[0]}"))
         yield from stream
 
     def _decode(self, shards: list[str]) -> Iterator[dict[str, Any]]:
@@ -198,7 +206,7 @@ class WebDatasetSource(IterableDataset):
             return raw.decode("utf-8", errors="replace").strip()
 
 
-def _shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+def shuffle_stream(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle a stream with a buffer of `size` items: fill it, then emit a random one per new item."""
     buffer: list[Any] = []
     for item in items:

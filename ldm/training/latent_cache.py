@@ -18,16 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from conditioning.sharded_cache import ShardedCache, build_parts, finish_build, num_parts_for, read_manifest
+from conditioning.sharded_cache import ShardedCache, build_sharded, no_barrier, num_parts_for, read_manifest
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "ldm-latent-cache/2"
 PART_SIZE = 1024  # images per part file
-
-
-def _no_barrier() -> None:
-    """A single process has nobody to wait for."""
 
 
 class LatentCache(Dataset):
@@ -60,7 +56,7 @@ class LatentCache(Dataset):
         part_size: int = PART_SIZE,
         rank: int = 0,
         world_size: int = 1,
-        barrier: Callable[[], None] = _no_barrier,
+        barrier: Callable[[], None] = no_barrier,
     ) -> LatentCache:
         """Encode every item of `dataset` ({"pixel_values", "caption"}) once into the cache folder `folder`.
 
@@ -83,11 +79,8 @@ class LatentCache(Dataset):
                 captions.extend(batch["captions"])
             return {"moments": torch.cat(moments) if moments else torch.empty(0)}, captions
 
-        build_parts(folder, CACHE_FORMAT, fingerprint, num_parts, encode_part, "", rank, world_size, "caching latents")
-        barrier()
-        if rank == 0:
-            finish_build(folder, CACHE_FORMAT, fingerprint, num_parts)
-        barrier()
+        launch = (rank, world_size, barrier)
+        build_sharded(folder, CACHE_FORMAT, fingerprint, num_parts, encode_part, "", *launch, "caching latents")
         cache = cls.load(folder)
         if not len(cache):
             raise ValueError(f"{folder}: the dataset yielded no images to cache")
@@ -105,7 +98,7 @@ class LatentCache(Dataset):
         part_size: int = PART_SIZE,
         rank: int = 0,
         world_size: int = 1,
-        barrier: Callable[[], None] = _no_barrier,
+        barrier: Callable[[], None] = no_barrier,
     ) -> LatentCache:
         """The cache at `folder` when its fingerprint matches, else a fresh one built there (resuming any
         parts a killed build finished). Every rank decides alike, from the same manifest."""

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from conditioning import TextEncoder
+from conditioning.cache_file import write_json_atomically
 from conditioning.fingerprint import weights_fingerprint
 from ldm.data import build_dataset, collate_examples
 from ldm.data.latent_shards import MANIFEST, MANIFEST_FORMAT, encode_array
@@ -66,7 +67,7 @@ def precompute_latents(
     for j in tqdm(todo, desc="precomputing latents", unit="shard", disable=not accelerator.is_main_process):
         samples = encode_chunk(chunks[j], vae, encoder if encoder.frozen else None, cfg.data.random_flip, batch_size)
         count = write_shard(out / _shard_name(j), ((f"{j:06d}{k:06d}", s) for k, s in enumerate(samples)))
-        _write_json(out / f"latents-{j:06d}.json", identity | {"samples": count})
+        write_json_atomically(out / f"latents-{j:06d}.json", identity | {"samples": count})
     accelerator.wait_for_everyone()
     manifest: dict[str, Any] = {}
     if accelerator.is_main_process:
@@ -138,7 +139,7 @@ def finish(out: Path, identity: dict[str, Any], num_shards: int, data: dict[str,
     names = [_shard_name(j) for j in range(num_shards) if counts[j]]
     manifest = {"format": MANIFEST_FORMAT, **identity, "flip": identity["data"]["flip"], "source_data": data}
     manifest |= {"shards": names, "samples": sum(counts)}
-    _write_json(out / MANIFEST, manifest)
+    write_json_atomically(out / MANIFEST, manifest)
     logger.info("precomputed %d samples in %d shards at %s", manifest["samples"], len(names), out)
     return manifest
 
@@ -155,9 +156,3 @@ def _sidecar(out: Path, j: int) -> dict[str, Any] | None:
     made = json.loads(path.read_text(encoding="utf-8"))
     made.pop("samples", None)
     return made
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
