@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,9 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ldm.config import ConfigError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ConfigError, CommandError) as err:  # bad input the user can fix: one line, no traceback
         parser.exit(2, f"ldm {args.command}: error: {err}\n")
+    if launched_rank():
+        leave_without_teardown(code)
+    return code
+
+
+def launched_rank() -> bool:
+    """Whether this process is one rank of a multi-process launch (`accelerate launch`, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def leave_without_teardown(code: int) -> None:
+    """End a launched rank whose command has finished (outputs written, process group destroyed) without the
+    interpreter's teardown. Under 2-process gloo launches a rank was seen to abort in that teardown, after its
+    work was done ("terminate called without an active exception", SIGABRT, no Python frame left; rarely,
+    in CI and in repeated cluster tests), and the launcher then fails the whole job. Nothing is left to clean up
+    that the operating system does not: the streams and log handlers are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,31 @@ def test_a_bad_override_is_one_clear_line(tmp_path, capsys):
         main(["toy", "--output-dir", str(tmp_path), "--set", "train.stepz=3"])
     assert exit_info.value.code == 2
     assert "ldm toy: error: <defaults>: unknown key 'train.stepz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("world_size", "leaves"), [("2", True), ("1", False)])
+def test_a_launched_rank_leaves_without_teardown_once_its_command_is_done(monkeypatch, world_size, leaves):
+    import ldm.cli
+    import ldm.commands.toy
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(ldm.commands.toy, "main", lambda args: 0)
+    left = []
+    monkeypatch.setattr(ldm.cli, "leave_without_teardown", left.append)
+    assert main(["toy"]) == 0
+    assert left == ([0] if leaves else [])
+
+
+def test_leaving_without_teardown_flushes_output_and_skips_exit_handlers():
+    script = (
+        "import atexit, logging\n"
+        "atexit.register(print, 'teardown ran')\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "print('work done', end='')\n"
+        "logging.getLogger('x').info('logged')\n"
+        "from ldm.cli import leave_without_teardown\n"
+        "leave_without_teardown(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 3
+    assert result.stdout == "work done" and "logged" in result.stderr
