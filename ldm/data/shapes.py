@@ -10,6 +10,11 @@ every possible image to exactly one split (`image_split`), and an item is redraw
 to the requested split. Splitting on the pixels, not on the scene parameters, matters at low
 resolution, where two different jitters can rasterize to the very same image.
 
+A third split, "compositional", tests what text conditioning is for: composing attributes never seen
+together. A fixed set of (shape, colour, position) triples (`NOVEL_COMBINATIONS`) is left out of the train
+and held-out splits altogether, and the compositional split draws only scenes of those triples. Every
+shape, colour and position, and every pair of them, still occurs in training; only the triple is new.
+
 Rendering is antialiased: the scene is drawn at `SUPERSAMPLE` times the resolution and box-filtered
 down, so edge pixels hold the area-weighted mix of shape and background colours.
 """
@@ -61,7 +66,7 @@ JITTER_STEP = 0.02
 JITTER_OFFSETS: tuple[int, ...] = (-2, -1, 0, 1, 2)
 SCALE_JITTER: tuple[float, ...] = (0.9, 1.0, 1.1)
 
-SPLITS: tuple[str, ...] = ("train", "heldout")
+SPLITS: tuple[str, ...] = ("train", "heldout", "compositional")
 HELDOUT_PERCENT = 10  # share of possible images (in percent) that belong to the held-out split
 CACHE_LIMIT_BYTES = 256 * 2**20  # ShapesDataset keeps rendered images in memory up to this size
 SUPERSAMPLE = 4  # render at this multiple of the resolution, then box-filter down (antialiasing)
@@ -75,6 +80,18 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "there is a {size} {color} {shape} at the {position} of a {background} image",
     "{color} {shape} ({size}) on {background}, {position}",
 )
+
+# (shape, colour, position) triples no train or held-out scene has: the compositional split's only scenes.
+# Scene k of the list is (SHAPES[k % 3], COLORS[k % 8], POSITIONS[k % 9]), k < 12: every shape four times,
+# four colours twice and the rest once, every position at least once, and no pair of attributes left out
+# whole (the test checks that each pair still has training scenes). 12 of 216 triples: 5.6% of scenes.
+NOVEL_COMBINATIONS: frozenset[tuple[str, str, str]] = frozenset(
+    (SHAPES[k % len(SHAPES)], COLORS[k % len(COLORS)], POSITIONS[k % len(POSITIONS)]) for k in range(12)
+)
+
+# Part of every cache fingerprint made from this dataset: bump it when the same (seed, split, index) would
+# give another item (2: the novel combinations left out of train and held-out).
+CONTENT_VERSION = "shapes/2"
 
 MAX_ATTEMPTS = 1000  # draws per item before giving up on finding a scene of the requested split
 
@@ -96,6 +113,11 @@ def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
             SCALE_JITTER[int(rng.integers(len(SCALE_JITTER)))],
         ),
     }
+
+
+def combination(scene: dict[str, Any]) -> tuple[str, str, str]:
+    """The (shape, colour, position) triple of a scene: what NOVEL_COMBINATIONS is made of."""
+    return scene["shape"], scene["color"], scene["position"]
 
 
 def image_split(image: Image.Image) -> str:
@@ -137,11 +159,21 @@ class ShapesDataset(Dataset):
     Each item is `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "attributes": {...}}`
     with attributes shape, color, background, size, position (names from the module's vocabularies).
     With `cache` (the default), rendered images are kept in memory when all of them fit in
-    CACHE_LIMIT_BYTES as 8-bit pixels (20k images at 32 px take 61 MB).
+    CACHE_LIMIT_BYTES as 8-bit pixels (20k images at 32 px take 61 MB). The train and held-out splits leave
+    out NOVEL_COMBINATIONS unless `include_novel` (the attribute probe, a judge of every combination, is
+    trained with them).
     """
 
+    content_version = CONTENT_VERSION
+
     def __init__(
-        self, num_samples: int, resolution: int = 32, split: str = "train", seed: int = 0, cache: bool = True
+        self,
+        num_samples: int,
+        resolution: int = 32,
+        split: str = "train",
+        seed: int = 0,
+        cache: bool = True,
+        include_novel: bool = False,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
@@ -153,6 +185,7 @@ class ShapesDataset(Dataset):
         self.resolution = resolution
         self.split = split
         self.seed = seed
+        self.include_novel = include_novel
         # Rendering costs ~0.4 ms an item (train; ~2.5 ms heldout); keeping the 8-bit images makes every
         # epoch after the first nearly free. Each data-loader worker holds its own copy, so only if small.
         fits = num_samples * 3 * resolution**2 <= CACHE_LIMIT_BYTES
@@ -164,14 +197,23 @@ class ShapesDataset(Dataset):
     def draw(self, index: int) -> tuple[dict[str, Any], Image.Image, np.random.Generator]:
         """Item `index`'s scene, its rendered image and the generator it was drawn from.
 
-        Attempt k draws a scene from a generator seeded with (seed, split, index, k); the first whose
-        image belongs to this split (`image_split`) is the item. About 1.1 draws for train, 10 for heldout.
+        Attempt k draws a scene from a generator seeded with (seed, split, index, k); the first that belongs
+        to this split is the item: for train and heldout, an image of that split (`image_split`) and not a
+        novel combination (about 1.2 draws for train, 10.6 for heldout); for compositional, a novel
+        combination (18 draws on average, only the last one rendered).
         """
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.num_samples}")
         for attempt in range(MAX_ATTEMPTS):
             rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, attempt])
             scene = sample_scene(rng)
+            novel = combination(scene) in NOVEL_COMBINATIONS
+            if self.split == "compositional":
+                if novel:
+                    return scene, render_scene(scene, self.resolution), rng
+                continue
+            if novel and not self.include_novel:
+                continue
             image = render_scene(scene, self.resolution)
             if image_split(image) == self.split:
                 return scene, image, rng

@@ -79,12 +79,15 @@ def evaluate_model(
         autoencoder, probe, heldout
     )
     prompts = FidelityPrompts.heldout(cfg.num_prompts, resolution)
+    novel_prompts = FidelityPrompts.compositional(cfg.num_prompts, resolution)
     default_w = pipeline.defaults.guidance_scale
 
-    guidance_rows = []
-    for w in cfg.guidance_scales:
-        settings = SweepPoint(w, cfg.guidance_sweep_steps, "ddim", cfg.seed)
-        guidance_rows.append(_row(settings, prompt_fidelity(pipeline, probe, prompts, settings), f"{w:g}"))
+    def guidance_sweep(captions: FidelityPrompts) -> list[dict[str, Any]]:
+        points = [SweepPoint(w, cfg.guidance_sweep_steps, "ddim", cfg.seed) for w in cfg.guidance_scales]
+        return [_row(p, prompt_fidelity(pipeline, probe, captions, p), f"{p.guidance_scale:g}") for p in points]
+
+    guidance_rows = guidance_sweep(prompts)
+    compositional_rows = guidance_sweep(novel_prompts)
     step_settings = [SweepPoint(default_w, n, "ddim", cfg.seed) for n in cfg.ddim_steps]
     step_settings.append(SweepPoint(default_w, cfg.ddpm_steps, "ddpm", cfg.seed))
     step_rows = [
@@ -96,6 +99,8 @@ def evaluate_model(
         "chance": chance_accuracy(),
         "guidance_sweep": guidance_rows,
         "step_sweep": step_rows,
+        "compositional_guidance_sweep": compositional_rows,
+        "default_guidance_scale": default_w,
     }
 
     logger.info("variational bound on %d held-out latents", cfg.bound_latents)
@@ -115,6 +120,10 @@ def evaluate_model(
 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plot_sweep(guidance_rows, cfg.guidance_scales, "guidance scale w", out / "fidelity_vs_guidance.png")
+    plot_sweep(
+        compositional_rows, cfg.guidance_scales, "guidance scale w (novel combinations)",
+        out / "compositional_fidelity_vs_guidance.png",
+    )  # fmt: skip
     step_counts = [float(s.num_inference_steps) for s in step_settings]
     plot_sweep(step_rows, step_counts, "sampling steps", out / "fidelity_vs_steps.png", log_x=True)
     write_report(metrics, out / "report.md")

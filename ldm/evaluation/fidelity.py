@@ -24,11 +24,20 @@ class FidelityPrompts:
     attributes: list[dict[str, str]]
 
     @classmethod
-    def heldout(cls, count: int, resolution: int = 32, seed: int = 1) -> FidelityPrompts:
-        """`count` scenes of the held-out split; a seed apart from training's, so the captions are new draws."""
-        data = ShapesDataset(count, resolution, "heldout", seed=seed)
+    def of_split(cls, split: str, count: int, resolution: int = 32, seed: int = 1) -> FidelityPrompts:
+        """`count` scenes of a shapes split: "heldout" (combinations seen in training, new images) or
+        "compositional" (combinations no training caption has); a seed apart from training's."""
+        data = ShapesDataset(count, resolution, split, seed=seed)
         items = [data[i] for i in range(count)]
         return cls([item["caption"] for item in items], [item["attributes"] for item in items])
+
+    @classmethod
+    def heldout(cls, count: int, resolution: int = 32, seed: int = 1) -> FidelityPrompts:
+        return cls.of_split("heldout", count, resolution, seed)
+
+    @classmethod
+    def compositional(cls, count: int, resolution: int = 32, seed: int = 1) -> FidelityPrompts:
+        return cls.of_split("compositional", count, resolution, seed)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,9 @@ def accuracy(probe: AttributeProbe, images: Tensor, labels: dict[str, Tensor]) -
 def train_probe(cfg: ProbeConfig) -> tuple[AttributeProbe, dict[str, float]]:
     """Train on rendered train-split shapes; returns the probe and its accuracy on held-out renderings."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    images, labels = shapes_tensors(ShapesDataset(cfg.train_samples, cfg.resolution, "train", seed=cfg.seed + 1))
+    # The judge of every combination, the novel ones included (the model never trains on those).
+    train = ShapesDataset(cfg.train_samples, cfg.resolution, "train", seed=cfg.seed + 1, include_novel=True)
+    images, labels = shapes_tensors(train)
     with torch.random.fork_rng(devices=[]):  # seeded initialization without touching the caller's RNG
         torch.manual_seed(cfg.seed)
         probe = AttributeProbe()
@@ -119,7 +121,8 @@ def train_probe(cfg: ProbeConfig) -> tuple[AttributeProbe, dict[str, float]]:
         loss.backward()
         opt.step()
         schedule.step()
-    heldout_images, heldout_labels = shapes_tensors(ShapesDataset(cfg.heldout_samples, cfg.resolution, "heldout"))
+    heldout = ShapesDataset(cfg.heldout_samples, cfg.resolution, "heldout", include_novel=True)
+    heldout_images, heldout_labels = shapes_tensors(heldout)
     return probe.eval(), accuracy(probe, heldout_images, heldout_labels)
 
 

@@ -61,6 +61,13 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "",
         fidelity_table(metrics["fidelity"]["guidance_sweep"], "setting"),
         "",
+        "### Novel combinations",
+        "",
+        f"{metrics['fidelity']['num_prompts']} captions of the compositional split: (shape, colour, position) "
+        "triples that no training caption has, though each attribute and each pair of them occur in training.",
+        "",
+        fidelity_table(metrics["fidelity"]["compositional_guidance_sweep"], "setting"),
+        "",
         "### Sampler and steps",
         "",
         fidelity_table(metrics["fidelity"]["step_sweep"], "setting"),
@@ -81,7 +88,8 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         f"- FID: {_maybe(metrics['pretrained'].get('fid'))}",
         f"{_unavailable(metrics['pretrained'])}",
         "",
-        "![fidelity vs guidance](fidelity_vs_guidance.png) ![fidelity vs steps](fidelity_vs_steps.png)",
+        "![fidelity vs guidance](fidelity_vs_guidance.png) ![fidelity vs steps](fidelity_vs_steps.png) "
+        "![novel combinations: fidelity vs guidance](compositional_fidelity_vs_guidance.png)",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")

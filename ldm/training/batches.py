@@ -113,7 +113,12 @@ def build_train_dataset(
     if cache_dir is None:
         return dataset, None, 0.0
     start = time.perf_counter()
-    fingerprint = weights_fingerprint(vae, {"data": asdict(data_settings), "size": len(dataset)})  # type: ignore[arg-type]
+    content = {
+        "data": asdict(data_settings),
+        "size": len(dataset),
+        "version": getattr(dataset, "content_version", None),
+    }  # type: ignore[arg-type]
+    fingerprint = weights_fingerprint(vae, content)
     launch = {
         "rank": accelerator.process_index,
         "world_size": accelerator.num_processes,

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from ldm.data import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, collate_examples
-from ldm.data.shapes import HELDOUT_PERCENT, PALETTE, POSITION_CENTER, image_split, render_scene, sample_scene
+from ldm.data.shapes import (
+    HELDOUT_PERCENT,
+    NOVEL_COMBINATIONS,
+    PALETTE,
+    POSITION_CENTER,
+    combination,
+    image_split,
+    render_scene,
+    sample_scene,
+)
 
 
 def test_items_are_deterministic_from_seed_split_and_index():
@@ -109,6 +118,35 @@ def test_train_and_heldout_images_never_coincide():
     heldout = fingerprints("heldout", 1)
     assert len(train) > 1000 and len(heldout) > 1000
     assert not train & heldout
+
+
+def test_novel_combinations_occur_only_in_the_compositional_split():
+    def triples(split, include_novel=False):
+        ds = ShapesDataset(1200, 16, split=split, seed=3, include_novel=include_novel)
+        return [combination(ds[i]["attributes"]) for i in range(len(ds))]
+
+    assert not set(triples("train")) & NOVEL_COMBINATIONS
+    assert not set(triples("heldout")) & NOVEL_COMBINATIONS
+    compositional = triples("compositional")
+    assert set(compositional) == NOVEL_COMBINATIONS  # 1200 draws cover all 12
+    # The probe's training data keeps them (about 12 / 216 of the scenes).
+    share = np.mean([t in NOVEL_COMBINATIONS for t in triples("train", include_novel=True)])
+    assert 0.02 < share < 0.1
+    # A compositional item's caption names its attributes like any other.
+    item = ShapesDataset(3, 16, split="compositional")[0]
+    assert all(value in item["caption"] for value in item["attributes"].values())
+
+
+def test_only_the_triples_are_novel_every_attribute_and_pair_is_still_trained_on():
+    trained = {(s, c, p) for s in SHAPES for c in COLORS for p in POSITIONS} - NOVEL_COMBINATIONS
+    assert len(NOVEL_COMBINATIONS) == 12
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        pairs = {(t[first], t[second]) for t in trained}
+        everything = {(t[first], t[second]) for t in (*trained, *NOVEL_COMBINATIONS)}
+        assert pairs == everything
+    for k, vocabulary in enumerate((SHAPES, COLORS, POSITIONS)):
+        assert {t[k] for t in NOVEL_COMBINATIONS} <= set(vocabulary)
+    assert {t[2] for t in NOVEL_COMBINATIONS} == set(POSITIONS)  # every position is tested
 
 
 def test_edges_are_antialiased():

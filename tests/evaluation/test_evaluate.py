@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from ldm.data.shapes import NOVEL_COMBINATIONS, combination
 from ldm.evaluation import EvaluationConfig, FidelityPrompts, ProbeConfig, evaluate_model, train_probe
 from ldm.evaluation.fidelity import JUDGED, SweepPoint, prompt_fidelity
 from ldm.evaluation.probe import ATTRIBUTES, AttributeProbe, load_or_train_probe
@@ -77,7 +78,10 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
         (r["settings"]["sampler"], r["settings"]["num_inference_steps"]) for r in metrics["fidelity"]["step_sweep"]
     ]
     assert samplers == [("ddim", 2), ("ddim", 3), ("ddpm", 4)]
-    for row in metrics["fidelity"]["guidance_sweep"]:
+    novel = metrics["fidelity"]["compositional_guidance_sweep"]
+    assert [row["settings"]["guidance_scale"] for row in novel] == [1.0, 3.0]
+    assert (out / "compositional_fidelity_vs_guidance.png").is_file()
+    for row in [*metrics["fidelity"]["guidance_sweep"], *novel]:
         assert set(row["accuracy"]) == {*JUDGED, "all", "seconds_per_image"}
         assert all(0.0 <= row["accuracy"][k] <= 1.0 for k in JUDGED)
     assert set(metrics["autoencoder"]["probe_accuracy_on_reconstructions"]) == set(ATTRIBUTES)
@@ -88,6 +92,7 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
     report = (out / "report.md").read_text()
     assert "| ddpm 1000" not in report and "ddpm 4 steps" in report
     assert "rFID unavailable" in report and "CLIP score unavailable" in report
+    assert "### Novel combinations" in report
 
 
 @pytest.mark.parametrize(
@@ -112,3 +117,10 @@ def test_evaluate_names_a_bad_device_before_any_work(tmp_path, capsys):
         main(["evaluate", "--model", str(tmp_path / "missing"), "--device", "gpu0"])
     assert info.value.code == 2
     assert "ldm evaluate: error: --device: 'gpu0' is not a torch device" in capsys.readouterr().err
+
+
+def test_compositional_prompts_name_only_combinations_left_out_of_training():
+    heldout, novel = FidelityPrompts.heldout(40, 16), FidelityPrompts.compositional(40, 16)
+    assert all(combination(a) in NOVEL_COMBINATIONS for a in novel.attributes)
+    assert not any(combination(a) in NOVEL_COMBINATIONS for a in heldout.attributes)
+    assert len(set(novel.captions)) == 40
