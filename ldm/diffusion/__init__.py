@@ -15,10 +15,12 @@ from ldm.diffusion.schedules import (
     spaced_timesteps,
 )
 from ldm.diffusion.thresholding import DynamicThreshold, StaticThreshold
+from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS, logit_normal_probabilities, sample_timesteps
 from ldm.diffusion.vlb import BoundTerms, bits_per_dim, prior_bpd, vlb_terms_bpd
 
 __all__ = [
     "DIFFUSERS_SCHEDULE_NAMES",
+    "TIMESTEP_SAMPLINGS",
     "BoundTerms",
     "DynamicThreshold",
     "GaussianDiffusion",
@@ -33,6 +35,7 @@ __all__ = [
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
     "gaussian_log_likelihood",
+    "logit_normal_probabilities",
     "make_beta_schedule",
     "min_snr_weight",
     "normal_kl",
@@ -40,6 +43,7 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "sample_ddim",
     "sample_ddpm",
+    "sample_timesteps",
     "sampling_chain",
     "spaced_timesteps",
     "training_losses",

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from conditioning import TextEncoderConfig
 from ldm.data import DataConfig
+from ldm.diffusion.losses import MIN_SNR_OF
+from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS
 from ldm.model_folder import SamplingDefaults, vae_downsampling_factor
 from ldm.noise_schedule import NoiseScheduleConfig
 from ldm.training.config import TrainConfig
@@ -32,13 +34,29 @@ class DiffusionLossConfig:
     # Hang et al. 2023 (about 3x faster convergence): caps the weight of low-noise steps, leaving more to the
     # high-noise ones where layout and colours are decided. None = unweighted L_simple.
     min_snr_gamma: float | None = 5.0
+    # What the cap applies to (ldm.diffusion.losses.min_snr_weight): "snr" (Hang et al.) or "snr_plus_one"
+    # (high-noise steps keep weight 1 in x0 terms instead of about SNR).
+    min_snr_of: str = "snr"
     vlb_weight: float = 0.001
+    # The distribution of training timesteps (ldm.diffusion.timesteps): uniform, or logit_normal with the
+    # mean and std of its logit (> 0 mean: more high-noise steps).
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma: must be positive (or null), got {self.min_snr_gamma}")
+        if self.min_snr_of not in MIN_SNR_OF:
+            raise ValueError(f"min_snr_of: unknown {self.min_snr_of!r}; valid: {', '.join(MIN_SNR_OF)}")
         if self.vlb_weight < 0:
             raise ValueError(f"vlb_weight: must be >= 0, got {self.vlb_weight}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"timestep_sampling: unknown {self.timestep_sampling!r}; valid: {', '.join(TIMESTEP_SAMPLINGS)}"
+            )
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std: must be positive, got {self.logit_std}")
 
 
 @dataclass

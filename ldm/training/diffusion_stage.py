@@ -21,7 +21,7 @@ from transformers import CLIPTextModel
 from conditioning import TextEncoder
 from ldm.data import build_dataset
 from ldm.data.latent_shards import LatentShardSource
-from ldm.diffusion import GaussianDiffusion, training_losses
+from ldm.diffusion import GaussianDiffusion, sample_timesteps, training_losses
 from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.batches import (
@@ -236,8 +236,12 @@ def diffusion_loss(
     conditioning: dict[str, Any],
     cfg: DiffusionExperimentConfig,
 ) -> torch.Tensor:
-    """The batch mean of the configured objective at uniform t ~ U{0, T-1} with fresh noise."""
-    t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), device=latents.device)
+    """The batch mean of the configured objective at t drawn as loss.timestep_sampling says, with fresh noise."""
+    lc = cfg.loss
+    t = sample_timesteps(
+        latents.shape[0], diffusion.num_timesteps, lc.timestep_sampling,  # type: ignore[arg-type]
+        logit_mean=lc.logit_mean, logit_std=lc.logit_std, device=latents.device,
+    )  # fmt: skip
     losses = training_losses(
         diffusion,
         model,
@@ -246,6 +250,7 @@ def diffusion_loss(
         torch.randn_like(latents),
         conditioning,
         min_snr_gamma=cfg.loss.min_snr_gamma,
+        min_snr_of=cfg.loss.min_snr_of,  # type: ignore[arg-type]
         vlb_weight=cfg.loss.vlb_weight,
     )
     return losses["loss"].mean()

@@ -195,3 +195,26 @@ def test_output_of_the_wrong_size_is_a_clear_error():
     x0 = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match="learned_range"):
         training_losses(d, lambda x, t: x, x0, torch.tensor([1, 2]))  # C channels, 2C needed
+
+
+@pytest.mark.parametrize("of", ["snr", "snr_plus_one"])
+def test_min_snr_gives_every_target_the_same_cost_of_an_x0_error(of):
+    """Whatever the network predicts, the weighted loss of a prediction equals w0 * ||x0_hat - x0||^2 with
+    w0 = min(SNR, gamma) (or min(SNR + 1, gamma)): the identity min-SNR is built on, checked on real losses."""
+    gamma, t = 5.0, torch.tensor([1, 40, 200, 500, 900, 999])
+    x0, noise = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    x0_hat = x0 + 0.3 * torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    for prediction in ("eps", "v", "x0"):
+        d = GaussianDiffusion.from_schedule("scaled_linear", 1000, prediction=prediction)
+        snr = d.coef.snr[t]
+        x_t = d.q_sample(x0, t, noise)
+        a, s = (
+            d.coef.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1),
+            d.coef.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1),
+        )
+        eps_hat = (x_t - a * x0_hat) / s  # the eps / v that imply x0_hat at this x_t
+        output = {"eps": eps_hat, "v": a * eps_hat - s * x0_hat, "x0": x0_hat}[prediction]
+        loss = training_losses(d, lambda x, t_: output, x0, t, noise, min_snr_gamma=gamma, min_snr_of=of)["mse"]
+        w0 = (snr + (1 if of == "snr_plus_one" else 0)).clamp(max=gamma)
+        expected = w0 * ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-7)  # the loss is float32
