@@ -25,6 +25,10 @@ class UNetConfig:
     attention_head_dim: int = 32
     norm_num_groups: int = 32
     transformer_layers_per_block: int = 1
+    # Also add the text, attention-pooled, to the timestep embedding (Imagen, DeepFloyd IF; diffusers'
+    # addition_embed_type="text"): a global path for what is true of the whole image (colours, shape, size,
+    # where the object is), beside the per-position path of cross-attention.
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         if not self.block_out_channels:
@@ -81,4 +85,14 @@ def build_unet(
         attention_head_dim=tuple(heads),  # diffusers' historical name: this argument is the number of heads
         norm_num_groups=cfg.norm_num_groups,
         transformer_layers_per_block=cfg.transformer_layers_per_block,
+        **pooled_text_settings(cfg, cross_attention_dim),
     )
+
+
+def pooled_text_settings(cfg: UNetConfig, cross_attention_dim: int) -> dict[str, object]:
+    """diffusers' arguments for `cfg.pooled_text`: its attention pooling uses heads of attention_head_dim
+    channels (one head when the text width is not a multiple of it)."""
+    if not cfg.pooled_text:
+        return {}
+    heads = cross_attention_dim // cfg.attention_head_dim if cross_attention_dim % cfg.attention_head_dim == 0 else 1
+    return {"addition_embed_type": "text", "addition_embed_type_num_heads": heads}

@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 
 from ldm.config import ConfigError, load_config, to_dict
 from ldm.training import DiffusionExperimentConfig
@@ -55,3 +57,26 @@ def test_pretrained_unet_with_the_wrong_sizes_is_refused(tmp_path):
         build_unet(
             UNetConfig(pretrained=str(tmp_path)), in_channels=4, out_channels=8, cross_attention_dim=24, sample_size=8
         )
+
+
+def test_pooled_text_adds_the_whole_prompt_to_the_timestep_embedding(tmp_path):
+    cfg = UNetConfig(
+        block_out_channels=(32, 64), cross_attention=(False, True), attention_head_dim=16, pooled_text=True
+    )
+    torch.manual_seed(0)
+    unet = build_unet(cfg, in_channels=4, out_channels=4, cross_attention_dim=32, sample_size=8).eval()
+    assert unet.config.addition_embed_type == "text" and unet.config.addition_embed_type_num_heads == 2
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        # With cross-attention cut (its output projections zeroed), the text still reaches the output: pooled.
+        for block in unet.down_blocks[1:2] + unet.up_blocks[:1] + [unet.mid_block]:
+            for attention in block.attentions:
+                attention.proj_out.weight.zero_()
+                attention.proj_out.bias.zero_()
+        a = unet(x, t, encoder_hidden_states=text).sample
+        b = unet(x, t, encoder_hidden_states=text.flip(0)).sample
+    assert (a - b).abs().max() > 1e-3
+    unet.save_pretrained(tmp_path / "unet")  # a plain diffusers folder: diffusers alone loads it
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, encoder_hidden_states=text).sample, a)
