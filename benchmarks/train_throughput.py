@@ -74,9 +74,10 @@ DEFAULT_VARIANTS = [name for name in VARIANTS if name != "ours_compiled"]
 
 def experiment(vae_dir: Path, steps: int, variant: Variant):
     """The quickstart's stage-2 config with the plain eps objective and no caption dropout (as the example)."""
+    from ldm.noise_schedule import NoiseScheduleConfig
     from ldm.training import DiffusionExperimentConfig
 
-    cfg = DiffusionExperimentConfig(autoencoder=str(vae_dir))
+    cfg = DiffusionExperimentConfig(autoencoder=str(vae_dir), noise=NoiseScheduleConfig())  # eps, as the example
     cfg.text_encoder.frozen = not variant.trains_text_encoder
     cfg.text_encoder.p_uncond = 0.0
     cfg.loss.min_snr_gamma = None
@@ -92,12 +93,13 @@ def experiment(vae_dir: Path, steps: int, variant: Variant):
 
 
 def write_random_vae(folder: Path) -> Path:
-    """The quickstart's autoencoder architecture with random weights (speed does not depend on them)."""
+    """The quickstart's autoencoder architecture with random weights (speed does not depend on them), with the
+    4 latent channels the published tables were measured on."""
     from autoencoder.config import ModelConfig
     from autoencoder.model import build_vae
 
     torch.manual_seed(0)
-    build_vae(ModelConfig()).save_pretrained(folder, safe_serialization=True)
+    build_vae(ModelConfig(latent_channels=4)).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

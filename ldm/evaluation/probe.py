@@ -35,7 +35,7 @@ class ProbeConfig:
     resolution: int = 32
     train_samples: int = 20000
     heldout_samples: int = 1000
-    steps: int = 2000
+    steps: int = 5000  # 2000 left colour and size short of what the probe can read (docs/prompt_adherence.md)
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

@@ -14,7 +14,7 @@ from ldm.training.config import TrainConfig
 class AutoencoderTrainConfig(TrainConfig):
     """The shared `train:` section with stage 1's defaults, plus the discriminator's LR and the final evaluation."""
 
-    steps: int = 2500
+    steps: int = 5000
     batch_size: int = 16
     lr: float = 2e-3
     adam_betas: tuple[float, float] = (0.5, 0.9)  # CompVis' GAN-friendly betas, for both optimizers

@@ -214,7 +214,8 @@ def test_min_snr_gives_every_target_the_same_cost_of_an_x0_error(of):
         )
         eps_hat = (x_t - a * x0_hat) / s  # the eps / v that imply x0_hat at this x_t
         output = {"eps": eps_hat, "v": a * eps_hat - s * x0_hat, "x0": x0_hat}[prediction]
-        loss = training_losses(d, lambda x, t_: output, x0, t, noise, min_snr_gamma=gamma, min_snr_of=of)["mse"]
+        model = lambda x, t_, out=output: out  # noqa: E731
+        loss = training_losses(d, model, x0, t, noise, min_snr_gamma=gamma, min_snr_of=of)["mse"]
         w0 = (snr + (1 if of == "snr_plus_one" else 0)).clamp(max=gamma)
         expected = w0 * ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
         torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-7)  # the loss is float32
