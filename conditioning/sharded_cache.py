@@ -97,10 +97,10 @@ def _write_owned_parts(
     fingerprint: str,
     num_parts: int,
     make_part: PartBuilder,
-    content: str = "",
-    rank: int = 0,
-    world_size: int = 1,
-    desc: str = "caching",
+    content: str,
+    rank: int,
+    world_size: int,
+    desc: str,
 ) -> None:
     """Write the parts this rank owns (p % world_size == rank) that are missing or stale; only rank 0 shows a
     progress bar (over its own share)."""
