@@ -52,7 +52,8 @@ def read_stage_1(out: Path, probe: torch.nn.Module) -> dict[str, float]:
     from ldm.evaluation.evaluate import reconstruction_probe_accuracy
 
     vae = AutoencoderKL.from_pretrained(out / "vae", use_safetensors=True).eval()
-    accuracy = reconstruction_probe_accuracy(KLAutoencoder(vae).eval(), probe, ShapesDataset(1000, 32, "heldout"))
+    heldout = ShapesDataset(1000, vae.config.sample_size, "heldout")  # the resolution stage 1 trained at
+    accuracy = reconstruction_probe_accuracy(KLAutoencoder(vae).eval(), probe, heldout)
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return {"psnr": metrics["psnr"]} | {f"recon {k}": 100 * v for k, v in accuracy.items()}
 
