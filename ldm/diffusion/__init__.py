@@ -3,13 +3,27 @@
 It imports torch only and knows no network: models are callables `model(x_t, t, **kwargs)`.
 """
 
+from ldm.diffusion.dpm_solver import dpmpp_2m_step, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from ldm.diffusion.gaussian_diffusion import GaussianDiffusion, PMeanVariance, Prediction, Variance
-from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.guidance import classifier_free_guidance, rescale_guidance
+from ldm.diffusion.inpainting import Inpainting
+from ldm.diffusion.interpolation import slerp
+from ldm.diffusion.inversion import ddim_invert
 from ldm.diffusion.likelihood import discretized_gaussian_log_likelihood, gaussian_log_likelihood, normal_kl
 from ldm.diffusion.losses import min_snr_weight, training_losses
-from ldm.diffusion.samplers import SampleOutput, ddim_step, ddpm_step, sample_ddim, sample_ddpm, sampling_chain
+from ldm.diffusion.samplers import (
+    SampleOutput,
+    ddim_step,
+    ddpm_step,
+    run_chain,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler_ancestral,
+    sampling_chain,
+)
 from ldm.diffusion.schedules import (
     DIFFUSERS_SCHEDULE_NAMES,
+    karras_sigmas,
     make_beta_schedule,
     rescale_zero_terminal_snr,
     spaced_timesteps,
@@ -18,12 +32,24 @@ from ldm.diffusion.thresholding import DynamicThreshold, StaticThreshold
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS, logit_normal_probabilities, sample_timesteps
 from ldm.diffusion.vlb import BoundTerms, bits_per_dim, prior_bpd, vlb_terms_bpd
 
+# Every sampler by the name the pipeline, the CLI and model folders use; each takes (model, diffusion, x_T)
+# and sample_ddim's keyword arguments (eta only for "ddim").
+SAMPLERS = {
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "euler_ancestral": sample_euler_ancestral,
+}
+
 __all__ = [
     "DIFFUSERS_SCHEDULE_NAMES",
+    "SAMPLERS",
     "TIMESTEP_SAMPLINGS",
     "BoundTerms",
     "DynamicThreshold",
     "GaussianDiffusion",
+    "Inpainting",
     "PMeanVariance",
     "Prediction",
     "SampleOutput",
@@ -31,20 +57,29 @@ __all__ = [
     "Variance",
     "bits_per_dim",
     "classifier_free_guidance",
+    "ddim_invert",
     "ddim_step",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
+    "dpmpp_2m_step",
     "gaussian_log_likelihood",
+    "karras_sigmas",
     "logit_normal_probabilities",
     "make_beta_schedule",
     "min_snr_weight",
     "normal_kl",
     "prior_bpd",
+    "rescale_guidance",
     "rescale_zero_terminal_snr",
+    "run_chain",
     "sample_ddim",
     "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_euler_ancestral",
     "sample_timesteps",
     "sampling_chain",
+    "slerp",
     "spaced_timesteps",
     "training_losses",
     "vlb_terms_bpd",

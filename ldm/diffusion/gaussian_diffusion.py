@@ -165,9 +165,20 @@ class GaussianDiffusion:
         keep = np.unique(np.asarray(timesteps, dtype=np.int64))  # ascending
         if keep[0] < 0 or keep[-1] >= self.num_timesteps:
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}), got {keep[0]}..{keep[-1]}")
-        abar = self.coef.alphas_cumprod.numpy()[keep]
+        return self.at_levels(self.coef.alphas_cumprod.numpy()[keep], self.timesteps[keep])
+
+    def at_levels(self, alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> GaussianDiffusion:
+        """The process whose index i has noise level `alphas_cumprod[i]` (ascending noise) and whose network
+        is told `timesteps[i]`: beta_i = 1 - alphabar_i / alphabar_{i-1}, with alphabar_{-1} = 1.
+
+        `respaced` is the case of levels taken from this chain; Karras sigmas are levels between its timesteps,
+        each told to the network as the nearest one.
+        """
+        abar = np.asarray(alphas_cumprod, dtype=np.float64)
+        if abar.ndim != 1 or len(abar) == 0 or not (np.diff(abar) < 0).all():
+            raise ValueError("alphas_cumprod must be a non-empty, strictly decreasing 1-D array")
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(betas, self.prediction, self.variance, timesteps=self.timesteps[keep])
+        return GaussianDiffusion(betas, self.prediction, self.variance, timesteps=timesteps)
 
     # ---- the arrays on a device ----------------------------------------------------------------------
 

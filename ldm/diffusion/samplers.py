@@ -1,4 +1,5 @@
-"""Samplers: ancestral DDPM and DDIM, each a plain function over a model callable.
+"""Samplers: ancestral DDPM, DDIM and Euler ancestral, each a plain function over a model callable, and the
+chain loop every sampler (also DPM-Solver++, `ldm.diffusion.dpm_solver`) runs in.
 
 A model is any callable `model(x_t, t, **model_kwargs) -> output`, where t holds the timestep values
 the network was trained on. Sampling over a subset of timesteps runs on the respaced process
@@ -7,6 +8,9 @@ subset*. One `torch.Generator` drives all the noise, so a seed fixes the result.
 
 No step waits for the host or copies from it: the schedule arrays and every step's timesteps are put on
 x_T's device before the loop, and each step is picked by the loop's Python index.
+
+Every sampler can start part-way down its chain (`start_step`, for image-to-image) and repaint a masked
+region while keeping the rest (`inpaint`, RePaint).
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ldm.diffusion.gaussian_diffusion import GaussianDiffusion
-from ldm.diffusion.schedules import spaced_timesteps
+from ldm.diffusion.inpainting import Inpainting
+from ldm.diffusion.schedules import karras_sigmas, spaced_timesteps
 from ldm.diffusion.thresholding import Threshold
 
 ModelFn = Callable[..., torch.Tensor]
 # callback(step_index, t_value, x_prev, pred_x0), called after every step.
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# step(model_output, x_t, t, index) -> (x_prev, pred_x0): one update from the level of chain index t to the next.
+ChainStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class SampleOutput(NamedTuple):
@@ -93,13 +101,35 @@ def ddim_coefficients(
 
 
 def sampling_chain(
-    diffusion: GaussianDiffusion, num_steps: int | None, spacing: str = "leading", steps_offset: int = 0
+    diffusion: GaussianDiffusion,
+    num_steps: int | None,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    karras: bool = False,
 ) -> GaussianDiffusion:
-    """The process a sampler walks: the full chain, or its respacing to `num_steps` timesteps."""
+    """The process a sampler walks: the full chain, its respacing to `num_steps` timesteps, or with `karras`
+    the `num_steps` Karras et al. noise levels between the chain's smallest and largest sigma (each told to the
+    network as the timestep of its sigma, interpolated in log sigma and rounded, as diffusers does; `spacing`
+    then plays no part)."""
+    if karras:
+        return _karras_chain(diffusion, diffusion.num_timesteps if num_steps is None else num_steps)
     if num_steps is None or (num_steps == diffusion.num_timesteps and steps_offset == 0):
         return diffusion
     timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps, spacing, steps_offset)
     return diffusion.respaced(timesteps)
+
+
+def _karras_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffusion:
+    abar = diffusion.coef.alphas_cumprod.numpy()
+    if abar[-1] == 0:
+        raise ValueError(
+            "karras_sigmas: a zero-terminal-SNR schedule has sigma_max = inf, which Karras sigmas cannot span; "
+            "use the schedule's own timesteps"
+        )
+    log_sigmas = 0.5 * (np.log1p(-abar) - np.log(abar))  # ascending in t
+    sigmas = karras_sigmas(float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1])), num_steps)[::-1]
+    timesteps = np.interp(np.log(sigmas), log_sigmas, np.arange(len(abar))).round().astype(np.int64)
+    return diffusion.at_levels(1.0 / (1.0 + sigmas**2), timesteps)
 
 
 @torch.no_grad()
@@ -112,20 +142,26 @@ def sample_ddpm(
     spacing: str = "leading",
     steps_offset: int = 0,
     model_kwargs: dict[str, Any] | None = None,
+    karras_sigmas: bool = False,
     threshold: Threshold | None = None,
+    start_step: int = 0,
+    inpaint: Inpainting | None = None,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> SampleOutput:
     """Ancestral sampling from x_T down to x_0, over all T steps or a respaced subset of `num_steps`."""
-    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset)
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas)
 
     def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         noise = None if index == 0 else _randn_like(x, generator)  # the index, not t: reading t would sync
         return ddpm_step(chain, output, x, t, noise, threshold)
 
-    return _run_chain(model, chain, x_T, step, model_kwargs, return_trajectory, callback, progress, "DDPM")
+    return run_chain(
+        model, chain, x_T, step, model_kwargs=model_kwargs, start_step=start_step, inpaint=inpaint,
+        generator=generator, return_trajectory=return_trajectory, callback=callback, progress=progress, name="DDPM",
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -139,45 +175,89 @@ def sample_ddim(
     spacing: str = "leading",
     steps_offset: int = 0,
     model_kwargs: dict[str, Any] | None = None,
+    karras_sigmas: bool = False,
     threshold: Threshold | None = None,
+    start_step: int = 0,
+    inpaint: Inpainting | None = None,
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
     progress: bool = True,
+    name: str = "DDIM",
 ) -> SampleOutput:
     """DDIM sampling over `num_steps` spaced timesteps; eta = 0 is deterministic, eta = 1 is DDPM-like."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset)
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas)
 
     def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         noise = _randn_like(x, generator) if eta > 0 else None
         return ddim_step(chain, output, x, t, eta, noise, threshold)
 
-    return _run_chain(model, chain, x_T, step, model_kwargs, return_trajectory, callback, progress, "DDIM")
+    return run_chain(
+        model, chain, x_T, step, model_kwargs=model_kwargs, start_step=start_step, inpaint=inpaint,
+        generator=generator, return_trajectory=return_trajectory, callback=callback, progress=progress, name=name,
+    )  # fmt: skip
 
 
-def _run_chain(
+def sample_euler_ancestral(
+    model: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor, *, num_steps: int = 50, **kwargs: Any
+) -> SampleOutput:
+    """Euler ancestral sampling (k-diffusion's `sample_euler_ancestral`, diffusers' EulerAncestralDiscreteScheduler).
+
+    In the variance-exploding variable x / alpha with sigma = sqrt((1 - abar) / abar), a step from sigma_s to
+    sigma_t goes to sigma_down = sigma_t^2 / sigma_s along the denoising direction and adds sigma_up z,
+    sigma_up^2 = sigma_t^2 - sigma_down^2. Back in x, with q = SNR_s / SNR_t, that is
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (sqrt(q) eps + sqrt(1 - q) z), and sqrt(1 - abar_t) sqrt(1 - q) is
+    exactly DDIM's sigma at eta = 1. So this *is* DDIM with eta = 1, noise drawn at every step as diffusers
+    draws it; the tests pin it against EulerAncestralDiscreteScheduler. Takes sample_ddim's keyword arguments.
+    """
+    if "eta" in kwargs:
+        raise ValueError("sample_euler_ancestral: eta is fixed at 1 (for other values use sample_ddim)")
+    return sample_ddim(model, diffusion, x_T, num_steps=num_steps, eta=1.0, name="Euler a", **kwargs)
+
+
+def run_chain(
     model: ModelFn,
     chain: GaussianDiffusion,
     x_T: torch.Tensor,
-    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-    model_kwargs: dict[str, Any] | None,
-    return_trajectory: bool,
-    callback: StepCallback | None,
-    progress: bool,
-    name: str,
+    step: ChainStep,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    start_step: int = 0,
+    inpaint: Inpainting | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+    name: str = "sampling",
 ) -> SampleOutput:
-    """The loop both samplers share: model call, step, callback, from the last index down to 0."""
+    """The loop every sampler shares: model call, step, callback, from chain index T-1-start_step down to 0.
+
+    With `start_step` = k the first k steps are skipped: x_T must then be a sample at the noise level of index
+    T-1-k (image-to-image noises an image to it). With `inpaint`, after every step the known region is reset to
+    the original noised to the new level, and each step is redone `inpaint.resample` times (RePaint).
+    """
     model_kwargs = model_kwargs or {}
+    num_steps = chain.num_timesteps
+    if not (isinstance(start_step, int) and 0 <= start_step < num_steps):
+        raise ValueError(f"start_step must be an int in [0, {num_steps}), got {start_step!r}")
     chain.to(x_T.device)
-    indices = torch.arange(chain.num_timesteps, device=x_T.device).unsqueeze(1).repeat(1, x_T.shape[0])  # (T, B)
+    indices = torch.arange(num_steps, device=x_T.device).unsqueeze(1).repeat(1, x_T.shape[0])  # (T, B)
     model_timesteps = chain.model_timesteps(indices)  # (T, B)
     x = x_T
     trajectory = [x] if return_trajectory else None
-    for index in tqdm(range(chain.num_timesteps - 1, -1, -1), desc=name, disable=not progress, leave=False):
-        output = model(x, model_timesteps[index], **model_kwargs)
-        x, pred_x0 = step(output, x, indices[index], index)
+    first = num_steps - 1 - start_step
+    passes = inpaint.resample if inpaint is not None else 1
+    for index in tqdm(range(first, -1, -1), desc=name, disable=not progress, leave=False):
+        t = indices[index]
+        for attempt in range(passes):
+            output = model(x, model_timesteps[index], **model_kwargs)
+            x, pred_x0 = step(output, x, t, index)
+            if inpaint is not None:
+                x = inpaint.keep_known(chain, x, t, generator)
+                if attempt < passes - 1:  # RePaint's jump: noise the blend back up to this step's level, redo it
+                    x = inpaint.renoise(chain, x, t, generator)
         if trajectory is not None:
             trajectory.append(x)
         if callback is not None:

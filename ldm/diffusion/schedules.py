@@ -69,6 +69,20 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """The noise levels of Karras et al. 2022 (eq. 5), descending from sigma_max to sigma_min:
+    sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1.
+
+    sigma is the variance-exploding noise level sqrt((1 - alphabar) / alphabar); rho = 7 spends more of the
+    steps at low noise than a uniform spacing of timesteps does.
+    """
+    if not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f"karras sigmas need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    ramp = np.linspace(0, 1, num_steps) if num_steps > 1 else np.zeros(1)
+    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (high + ramp * (low - high)) ** rho
+
+
 def spaced_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0
 ) -> np.ndarray:

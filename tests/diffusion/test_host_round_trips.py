@@ -13,7 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.diffusion import DynamicThreshold, GaussianDiffusion, StaticThreshold, sample_ddim, sample_ddpm
+from ldm.diffusion import (
+    DynamicThreshold,
+    GaussianDiffusion,
+    Inpainting,
+    StaticThreshold,
+    ddim_invert,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler_ancestral,
+)
 from tests.host_round_trips import HostRoundTrips, StepWindows
 
 
@@ -33,6 +44,14 @@ SAMPLERS = {
     "ddim": lambda model, d, x, **kw: sample_ddim(model, d, x, num_steps=3, **kw),
     "ddim_eta1": lambda model, d, x, **kw: sample_ddim(model, d, x, num_steps=3, eta=1.0, **kw),
     "ddpm": lambda model, d, x, **kw: sample_ddpm(model, d, x, num_steps=3, **kw),
+    "dpmpp_2m": lambda model, d, x, **kw: sample_dpmpp_2m(model, d, x, num_steps=3, **kw),
+    "dpmpp_2m_sde_karras": lambda model, d, x, **kw: sample_dpmpp_2m_sde(
+        model, d, x, num_steps=3, karras_sigmas=True, **kw
+    ),
+    "euler_ancestral": lambda model, d, x, **kw: sample_euler_ancestral(model, d, x, num_steps=3, **kw),
+    "dpmpp_2m_inpainting": lambda model, d, x, **kw: sample_dpmpp_2m(
+        model, d, x, num_steps=3, inpaint=Inpainting(torch.zeros_like(x), torch.zeros_like(x[:1, :1]), 2), **kw
+    ),
 }
 
 
@@ -151,6 +170,17 @@ def test_a_sampling_step_on_the_schedule_device_copies_nothing(dtype):
     for sampler in SAMPLERS:
         for trips in count_steps(sampler, d, x_T, generator=torch.Generator().manual_seed(1)):
             assert trips.total == 0, f"{sampler}: {trips}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_an_inversion_step_makes_no_host_round_trip(device):
+    d = GaussianDiffusion.from_schedule("linear", 1000, "v").to(device)
+    x0 = torch.zeros(2, 1, 4, 4, device=device)
+    with StepWindows() as windows:
+        ddim_invert(stand_in_model, d, x0, num_steps=3, callback=windows, progress=False)
+    assert len(windows.steps) == 2
+    for trips in windows.steps:
+        assert trips.total == 0, str(trips)
 
 
 def test_the_schedule_is_copied_to_a_device_once_in_float64():
