@@ -14,12 +14,16 @@ loads the networks.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import diffusers
+from safetensors import SafetensorError
 
+from conditioning.config import CLIP_MAX_LENGTH
 from ldm.noise_schedule import NoiseScheduleConfig
 
 MODEL_INDEX = "model_index.json"
@@ -37,7 +41,7 @@ COMPONENTS: dict[str, tuple[str, bool]] = {
 # A tokenizer folder without its vocabulary still loads (transformers then builds an empty tokenizer that maps
 # every word to one id), so one of these sets of files must be there.
 TOKENIZER_VOCABULARIES: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral")  # ldm.diffusion.SAMPLERS' names
 
 
 @dataclass
@@ -50,8 +54,9 @@ class SamplingDefaults:
 
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    eta: float = 0.0
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"] = "ddim"
+    eta: float = 0.0  # DDIM's noise; 0 = deterministic
+    karras_sigmas: bool = False  # visit Karras et al.'s noise levels instead of spaced timesteps
 
     def __post_init__(self) -> None:
         if self.guidance_scale < 0:
@@ -162,3 +167,18 @@ def vae_downsampling_factor(path: str | Path) -> int | None:
                 raise ValueError(f"{config}: 'block_out_channels' must be a non-empty list, got {channels!r}")
             return 2 ** (len(channels) - 1)
     return None
+
+
+def text_positions(folder: Path) -> int:
+    """The prompt length the folder's text encoder was built for: its position embeddings, at most CLIP's 77."""
+    config = read_json(folder / "text_encoder" / "config.json")
+    return min(int(config.get("max_position_embeddings", CLIP_MAX_LENGTH)), CLIP_MAX_LENGTH)
+
+
+@contextmanager
+def loading(folder: Path, component: str) -> Iterator[None]:
+    """Re-raise a failure to load `component` as an OSError that names the folder and the component."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what the loaders raise for corrupt files
+        raise OSError(f"{folder}: component {component!r} cannot be loaded ({type(err).__name__}: {err})") from err

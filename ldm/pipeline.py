@@ -2,12 +2,18 @@
 
     pipe = LatentDiffusionPipeline.from_pretrained("runs/quickstart/pipeline")
     images = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0)).images
+    faster = pipe("a red circle", sampler="dpmpp_2m", num_inference_steps=15).images
+    edited = pipe("a red circle on a blue background", image=images[0], strength=0.6).images
+    x_T = pipe.invert(images[0], "a red circle")  # pipe(..., latents=x_T, sampler="ddim", eta=0) redraws it
 
 One call: encode the prompts once, draw x_T ~ N(0, I) exactly as diffusers does, walk the reverse chain
-with `ldm.diffusion.sample_ddim` / `sample_ddpm` on the guided U-Net, then decode z_0 / scaling_factor
-with the VAE. The folder is a Stable Diffusion pipeline folder (see `ldm.model_folder`), so
-`diffusers.StableDiffusionPipeline.from_pretrained` loads it too and, with the same scheduler, steps,
-guidance scale and seed, draws the same images (float32 CPU: to ~1e-6 of the latents' scale). Two
+with one of `ldm.diffusion.SAMPLERS` (or any diffusers scheduler object) on the guided U-Net, then decode
+z_0 / scaling_factor with the VAE. Image-to-image noises the image's latents to the step `strength` names
+and samples from there (SDEdit); inpainting also resets the unmasked region at every step (RePaint).
+
+The folder is a Stable Diffusion pipeline folder (see `ldm.model_folder`), so
+`diffusers.StableDiffusionPipeline.from_pretrained` loads it too and, with the same scheduler, steps, guidance
+scale and seed, draws the same images (float32 CPU: to ~1e-6 of the latents' scale). Two
 deliberate differences from diffusers: guidance 0 <= w < 1 is applied as written (w = 0 samples the
 unconditional model) where diffusers switches guidance off for w <= 1; and with `trailing` or `linspace`
 timestep spacing each DDIM step goes to the previous timestep of the subset (DESIGN.md), where diffusers'
@@ -16,56 +22,61 @@ DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws id
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from safetensors import SafetensorError
 
 from conditioning import TextEncoder
-from conditioning.config import CLIP_MAX_LENGTH
-from conditioning.tokenizer import validate_prompts
-from ldm.diffusion import classifier_free_guidance, sample_ddim, sample_ddpm, spaced_timesteps
+from ldm.diffusion import SAMPLERS as SAMPLER_FUNCTIONS
+from ldm.diffusion import (
+    Inpainting,
+    classifier_free_guidance,
+    ddim_invert,
+    sampling_chain,
+)
+from ldm.diffusion.samplers import SampleOutput, StepCallback
+from ldm.diffusion.thresholding import Threshold
 from ldm.images import to_numpy, to_pil
 from ldm.model_folder import (
-    SAMPLERS,
     SamplingDefaults,
     check_model_folder,
-    read_json,
+    loading,
     read_scheduler_config,
+    text_positions,
     write_model_index,
     write_scheduler_config,
 )
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.noise_schedule import DIFFUSERS_PREDICTION_NAMES, NoiseScheduleConfig
+from ldm.pipeline_inputs import (
+    check_latents,
+    check_prompts,
+    embeddings_for_guidance,
+    image_batch,
+    latent_mask,
+    mask_batch,
+    match_batch,
+)
+from ldm.pipeline_settings import (
+    Geometry,
+    SamplingSettings,
+    check_call_options,
+    check_guidance_options,
+    check_scheduler_call,
+    check_sides,
+    editing_strength,
+    resolve_settings,
+    sized_like,
+)
+from ldm.scheduler_loop import check_scheduler, sample_with_scheduler
 
 __all__ = ["LatentDiffusionPipeline", "PipelineOutput", "SamplingDefaults", "SamplingSettings"]
-
-OUTPUT_TYPES = ("pil", "np", "latent")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The resolved settings of one pipeline call (see `LatentDiffusionPipeline.resolve_settings`)."""
-
-    guidance_scale: float
-    num_inference_steps: int
-    sampler: str
-    eta: float
-    height: int
-    width: int
-
-    @property
-    def stochastic(self) -> bool:
-        """True when the sampler draws noise at every step (DDPM, or DDIM with eta > 0)."""
-        return self.sampler == "ddpm" or self.eta > 0
 
 
 @dataclass
@@ -196,11 +207,11 @@ class LatentDiffusionPipeline:
         """
         folder = check_model_folder(folder)
         dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        with _loading(folder, "vae"):
+        with loading(folder, "vae"):
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
-        with _loading(folder, "unet"):
+        with loading(folder, "unet"):
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
-        with _loading(folder, "text_encoder"):
+        with loading(folder, "text_encoder"):
             text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
         return pipe.to(device, torch_dtype)
@@ -210,11 +221,11 @@ class LatentDiffusionPipeline:
     @torch.inference_mode()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
-        sampler: Literal["ddim", "ddpm"] | None = None,
+        sampler: str | None = None,
         eta: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -223,48 +234,86 @@ class LatentDiffusionPipeline:
         output_type: Literal["pil", "np", "latent"] = "pil",
         return_trajectory: bool = False,
         progress: bool = True,
+        *,
+        karras_sigmas: bool | None = None,
+        scheduler: SchedulerMixin | type[SchedulerMixin] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
+        threshold: Threshold | None = None,
+        latents: torch.Tensor | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        mask_image: Any = None,
+        resample: int = 1,
+        callback: StepCallback | None = None,
     ) -> PipelineOutput:
-        """Generate `num_images_per_prompt` images per prompt.
+        """Generate `num_images_per_prompt` images per prompt (or per row of `prompt_embeds`).
 
-        None for guidance_scale, num_inference_steps, sampler or eta means the folder's `SamplingDefaults`;
-        None for height / width means the U-Net's sample_size times the VAE factor. eta only affects DDIM
-        (0 = deterministic). Invalid arguments raise ValueError naming the argument.
+        Sampling: `sampler` is one of ldm.diffusion.SAMPLERS (eta only for ddim; `karras_sigmas` for any), or
+        `scheduler` is a diffusers scheduler object or class (a class is built from the folder's scheduler
+        config) stepped as diffusers steps it. None for guidance_scale, num_inference_steps, sampler, eta or
+        karras_sigmas means the folder's `SamplingDefaults`; None for height / width means the U-Net's size (or
+        the init image's). `guidance_rescale` is Lin et al.'s phi; `threshold` clips the predicted x0 (our
+        samplers; a diffusers scheduler thresholds by its own config).
+        `latents` is x_T (B, C, h, w) with B = prompts x num_images_per_prompt; with `image` it is the noise
+        the image's latents are noised with.
+        Image-to-image: `image` (PIL image(s), arrays or a (B, 3, H, W) tensor in [0, 1]) and `strength` in
+        (0, 1] (default 0.8): of n steps the last int(n strength) are run, from the image's latents noised to
+        the first of them. Inpainting: also `mask_image` (white / 1 = repaint; default strength 1), the known
+        region reset at every step, each step redone `resample` times (RePaint's jumps).
+        `callback(step_index, timestep, latents, pred_x0)` runs after every step.
+        Invalid arguments raise ValueError naming the argument, before any sampling work.
         """
-        prompts = validate_prompts(prompt, name="prompt")
-        if negative_prompt is not None:
-            negatives = validate_prompts(negative_prompt, name="negative_prompt")
-            if not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
-                raise ValueError(
-                    f"negative_prompt: has {len(negatives)} prompts for {len(prompts)} prompts; "
-                    "give one str for all, or a list with one per prompt"
-                )
-        s = self.resolve_settings(guidance_scale, num_inference_steps, sampler, eta, height, width)
-        self._check_options(num_images_per_prompt, output_type, generator, s.stochastic)
+        if scheduler is not None:
+            our_options = {"sampler": sampler, "eta": eta, "karras_sigmas": karras_sigmas, "threshold": threshold}
+            check_scheduler_call(our_options, resample, return_trajectory)
+            scheduler = self._scheduler_for(scheduler)
+        s = self.resolve_settings(guidance_scale, num_inference_steps, sampler, eta, height, width, karras_sigmas)
+        pixels = image_batch(image) if image is not None else None
+        if pixels is not None:
+            s = sized_like(s, self.geometry, pixels, height, width)
+        strength = editing_strength(pixels is not None, strength, mask_image, resample, s.num_inference_steps)
+        needs_step_noise = s.stochastic or mask_image is not None
+        check_call_options(num_images_per_prompt, output_type, generator, needs_step_noise, self.device)
+        guidance_rescale = check_guidance_options(guidance_rescale, threshold, callback)
 
-        # Text: (P, L, D) each, repeated per image as diffusers does (prompt 0's images first).
-        cond, uncond = self.text_encoder.encode_for_guidance(prompt, negative_prompt)
-        cond = cond.repeat_interleave(num_images_per_prompt, dim=0).to(self.device, self.dtype)  # (B, L, D)
-        uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0).to(self.device, self.dtype)  # (B, L, D)
-
+        cond, uncond = self._text_conditioning(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt
+        )  # (B, L, D) each
         f = self.vae_scale_factor
         shape = (cond.shape[0], self.unet.config.in_channels, s.height // f, s.width // f)  # (B, C, h, w)
-        x_T = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # init_noise_sigma = 1
-        model = classifier_free_guidance(self._unet_fn, s.guidance_scale, {"encoder_hidden_states": uncond})
-        pred_x0: list[torch.Tensor] = []
-        common: dict[str, Any] = {
-            "num_steps": s.num_inference_steps,
-            "spacing": self.noise_schedule.timestep_spacing,
-            "steps_offset": self.noise_schedule.steps_offset,
-            "model_kwargs": {"encoder_hidden_states": cond},
-            "generator": generator,
-            "return_trajectory": return_trajectory,
-            "callback": (lambda _i, _t, _x, x0: pred_x0.append(x0)) if return_trajectory else None,
-            "progress": progress,
-        }
-        if s.sampler == "ddim":
-            result = sample_ddim(model, self.diffusion, x_T, eta=s.eta, **common)
+        if latents is not None:
+            x_T = check_latents(latents, shape).to(self.device, self.dtype)
         else:
-            result = sample_ddpm(model, self.diffusion, x_T, **common)
+            x_T = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # init_noise_sigma = 1
+        init = mask = None
+        if pixels is not None:
+            init = match_batch(self.encode_image(pixels), shape[0], num_images_per_prompt, "image")
+        if mask_image is not None:
+            mask = mask_batch(mask_image, (s.height, s.width)).to(self.device, self.dtype)
+            mask = match_batch(latent_mask(mask, f), shape[0], num_images_per_prompt, "mask_image")
+
+        model = classifier_free_guidance(
+            self._unet_fn, s.guidance_scale, {"encoder_hidden_states": uncond}, guidance_rescale
+        )
+        pred_x0: list[torch.Tensor] = []
+
+        def on_step(index: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            if return_trajectory:
+                pred_x0.append(x0)
+            if callback is not None:
+                callback(index, t, x, x0)
+
+        if scheduler is not None:
+            result = sample_with_scheduler(
+                scheduler, model, x_T, num_steps=s.num_inference_steps,
+                model_kwargs={"encoder_hidden_states": cond}, generator=generator, init=init, strength=strength,
+                mask=mask, callback=on_step, progress=progress,
+            )  # fmt: skip
+        else:
+            result = self._sample(s, model, x_T, cond, init, strength, mask, resample, threshold, generator, on_step,
+                                  return_trajectory, progress)  # fmt: skip
 
         trajectory_x0 = torch.stack(pred_x0) if return_trajectory else None
         if output_type == "latent":
@@ -272,6 +321,94 @@ class LatentDiffusionPipeline:
         images = self.decode(result.sample)
         out = to_pil(images) if output_type == "pil" else to_numpy(images)
         return PipelineOutput(out, result.trajectory, trajectory_x0)
+
+    def _sample(
+        self,
+        s: SamplingSettings,
+        model: Callable[..., torch.Tensor],
+        x_T: torch.Tensor,
+        cond: torch.Tensor,
+        init: torch.Tensor | None,
+        strength: float,
+        mask: torch.Tensor | None,
+        resample: int,
+        threshold: Threshold | None,
+        generator: torch.Generator | None,
+        on_step: StepCallback,
+        return_trajectory: bool,
+        progress: bool,
+    ) -> SampleOutput:
+        """Run our sampler: from x_T, or from the init latents noised with x_T to the step `strength` names."""
+        schedule = self.noise_schedule
+        chain_kwargs = {
+            "num_steps": s.num_inference_steps,
+            "spacing": schedule.timestep_spacing,
+            "steps_offset": schedule.steps_offset,
+            "karras_sigmas": s.karras_sigmas,
+        }
+        start_step = 0
+        if init is not None:
+            start_step = s.num_inference_steps - int(s.num_inference_steps * strength)
+            chain = sampling_chain(self.diffusion, **chain_kwargs)
+            first = torch.full((x_T.shape[0],), chain.num_timesteps - 1 - start_step, device=x_T.device)
+            x_T = chain.to(x_T.device).q_sample(init.to(x_T.dtype), first, noise=x_T)
+        return SAMPLER_FUNCTIONS[s.sampler](
+            model, self.diffusion, x_T, **chain_kwargs, **({"eta": s.eta} if s.sampler == "ddim" else {}),
+            model_kwargs={"encoder_hidden_states": cond}, threshold=threshold, start_step=start_step,
+            inpaint=Inpainting(init, mask, resample) if mask is not None else None, generator=generator,
+            return_trajectory=return_trajectory, callback=on_step, progress=progress,
+        )  # fmt: skip
+
+    # ---- encoders and inversion ----------------------------------------------------------------------
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        """The folder's noise process as a diffusers scheduler config: `UniPCMultistepScheduler.from_config(...)`."""
+        return self.noise_schedule.to_scheduler_config()
+
+    @torch.inference_mode()
+    def encode_prompt(
+        self, prompt: str | list[str], negative_prompt: str | list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) text embeddings, (P, L, D) each on the pipeline's device: the prompts', and the
+        negative prompts' (or the "" embedding) for guidance. Either can be passed back as prompt_embeds /
+        negative_prompt_embeds, e.g. interpolated between two prompts."""
+        check_prompts(prompt, negative_prompt)
+        cond, uncond = self.text_encoder.encode_for_guidance(prompt, negative_prompt)
+        return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode_image(self, image: Any) -> torch.Tensor:
+        """Images (PIL, arrays or a (B, 3, H, W) tensor in [0, 1]) -> latents (B, C, H / f, W / f) in diffusion
+        scale: the posterior mean times scaling_factor (deterministic, as inversion needs)."""
+        pixels = image_batch(image).to(self.vae.device, self.vae.dtype)
+        check_sides(self.geometry, pixels.shape[-2], pixels.shape[-1], "image")
+        moments = self.vae.encode(pixels * 2 - 1).latent_dist.mean
+        return (moments * self.vae.config.scaling_factor).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def invert(
+        self,
+        image: Any,
+        prompt: str | list[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """DDIM inversion: the x_T (B, C, h, w) from which deterministic DDIM with these steps, prompt and guidance
+        (`pipe(prompt, latents=x_T, sampler="ddim", eta=0, ...)`) regenerates about `image`. Guidance above 1
+        makes the inversion drift (null-text inversion's problem); 1 is the faithful default."""
+        s = self.resolve_settings(guidance_scale, num_inference_steps, "ddim", 0.0)
+        z0 = self.encode_image(image)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt)
+        cond = match_batch(cond, z0.shape[0], 1, "prompt")
+        model = classifier_free_guidance(self._unet_fn, s.guidance_scale, {"encoder_hidden_states": uncond})
+        schedule = self.noise_schedule
+        return ddim_invert(
+            model, self.diffusion, z0, num_steps=s.num_inference_steps, spacing=schedule.timestep_spacing,
+            steps_offset=schedule.steps_offset, model_kwargs={"encoder_hidden_states": cond}, progress=progress,
+        ).sample  # fmt: skip
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -283,7 +420,38 @@ class LatentDiffusionPipeline:
     def _unet_fn(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
 
+    def _text_conditioning(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        per_prompt: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond), (B, L, D) each with B = prompts x per_prompt, repeated per image as diffusers does
+        (prompt 0's images first)."""
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("prompt: give a prompt (or prompt_embeds)")
+            if negative_prompt_embeds is not None:
+                raise ValueError("negative_prompt_embeds: needs prompt_embeds; with prompt, use negative_prompt")
+            cond, uncond = self.encode_prompt(prompt, negative_prompt)
+        else:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError("prompt_embeds: give either prompt (and negative_prompt) or the embeddings, not both")
+            unconditional = self.text_encoder.unconditional(1) if negative_prompt_embeds is None else None
+            cond, uncond = embeddings_for_guidance(
+                prompt_embeds, negative_prompt_embeds, unconditional, self.text_encoder.hidden_size
+            )
+        cond, uncond = (e.to(self.device, self.dtype).repeat_interleave(per_prompt, dim=0) for e in (cond, uncond))
+        return cond, uncond
+
     # ---- argument checks -----------------------------------------------------------------------------
+
+    @property
+    def geometry(self) -> Geometry:
+        """The image sizes this pipeline can draw (see `ldm.pipeline_settings.Geometry`)."""
+        return Geometry(self.vae_scale_factor, self.size_multiple, self.default_size)
 
     def resolve_settings(
         self,
@@ -293,87 +461,18 @@ class LatentDiffusionPipeline:
         eta: float | None = None,
         height: int | None = None,
         width: int | None = None,
+        karras_sigmas: bool | None = None,
     ) -> SamplingSettings:
         """The settings a call with these arguments samples with: None -> the folder's defaults (sizes: the
         U-Net's). Raises ValueError naming the first invalid argument."""
-        d = self.defaults
-        settings = SamplingSettings(
-            guidance_scale=d.guidance_scale if guidance_scale is None else _as_float(guidance_scale, "guidance_scale"),
-            num_inference_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            sampler=d.sampler if sampler is None else sampler,
-            eta=d.eta if eta is None else _as_float(eta, "eta"),
-            height=self.default_size if height is None else height,
-            width=self.default_size if width is None else width,
-        )
-        self._check_settings(settings)
-        return settings
+        return resolve_settings(
+            self.defaults, self.noise_schedule, self.geometry,
+            guidance_scale, num_inference_steps, sampler, eta, height, width, karras_sigmas,
+        )  # fmt: skip
 
-    def _check_settings(self, s: SamplingSettings) -> None:
-        if s.guidance_scale < 0:
-            raise ValueError(
-                f"guidance_scale: must be >= 0 (1 = no guidance, 0 = unconditional), got {s.guidance_scale}"
-            )
-        if s.sampler not in SAMPLERS:
-            raise ValueError(f"sampler: must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
-        if not 0.0 <= s.eta <= 1.0:
-            raise ValueError(f"eta: must be in [0, 1], got {s.eta}")
-        steps, schedule = s.num_inference_steps, self.noise_schedule
-        if not _is_int(steps) or steps < 1:
-            raise ValueError(f"num_inference_steps: must be a positive int, got {steps!r}")
-        try:  # the steps must fit in the training chain after spacing and steps_offset
-            spaced_timesteps(schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset)
-        except ValueError as err:
-            raise ValueError(
-                f"num_inference_steps: {steps} does not fit the {schedule.num_train_timesteps}-step chain "
-                f"({schedule.timestep_spacing} spacing, steps_offset {schedule.steps_offset}): {err}"
-            ) from err
-        multiple = self.size_multiple
-        for name, side in (("height", s.height), ("width", s.width)):
-            if not _is_int(side) or side < multiple or side % multiple:
-                raise ValueError(
-                    f"{name}: must be a positive multiple of {multiple} (VAE factor {self.vae_scale_factor} x "
-                    f"U-Net downsampling {multiple // self.vae_scale_factor}), got {side!r}"
-                )
-
-    def _check_options(
-        self, num_images: int, output_type: str, generator: torch.Generator | None, needs_step_noise: bool
-    ) -> None:
-        if not _is_int(num_images) or num_images < 1:
-            raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator: must be one torch.Generator or None, got {type(generator).__name__}")
-        # x_T is drawn on the generator's device and moved (diffusers' randn_tensor); the samplers' step
-        # noise is drawn directly on the pipeline's device, which needs a generator there.
-        if needs_step_noise and generator is not None and generator.device.type != self.device.type:
-            raise ValueError(
-                f"generator: is on {generator.device.type} but stochastic sampling (ddpm, or ddim with eta > 0) "
-                f"draws its noise on {self.device.type}; pass torch.Generator(device={self.device.type!r})"
-            )
-
-
-def _as_float(value: object, name: str) -> float:
-    """`value` as a finite float; anything else (a string, a bool, NaN, infinity) is a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def text_positions(folder: Path) -> int:
-    """The prompt length the folder's text encoder was built for: its position embeddings, at most CLIP's 77."""
-    config = read_json(folder / "text_encoder" / "config.json")
-    return min(int(config.get("max_position_embeddings", CLIP_MAX_LENGTH)), CLIP_MAX_LENGTH)
-
-
-@contextmanager
-def _loading(folder: Path, component: str) -> Iterator[None]:
-    """Re-raise a failure to load `component` as an OSError that names the folder and the component."""
-    try:
-        yield
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what the loaders raise for corrupt files
-        raise OSError(f"{folder}: component {component!r} cannot be loaded ({type(err).__name__}: {err})") from err
+    def _scheduler_for(self, scheduler: object) -> SchedulerMixin:
+        """`scheduler` itself, or a scheduler class built from the folder's config; it must predict what the
+        U-Net predicts."""
+        if isinstance(scheduler, type) and issubclass(scheduler, SchedulerMixin):
+            scheduler = scheduler.from_config(self.scheduler_config)
+        return check_scheduler(scheduler, DIFFUSERS_PREDICTION_NAMES[self.noise_schedule.prediction])

@@ -23,7 +23,7 @@ from ldm.diffusion.samplers import (
 )
 from ldm.diffusion.schedules import (
     DIFFUSERS_SCHEDULE_NAMES,
-    karras_sigmas,
+    karras_noise_levels,
     make_beta_schedule,
     rescale_zero_terminal_snr,
     spaced_timesteps,
@@ -63,7 +63,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood",
     "dpmpp_2m_step",
     "gaussian_log_likelihood",
-    "karras_sigmas",
+    "karras_noise_levels",
     "logit_normal_probabilities",
     "make_beta_schedule",
     "min_snr_weight",

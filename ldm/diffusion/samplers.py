@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ldm.diffusion.gaussian_diffusion import GaussianDiffusion
 from ldm.diffusion.inpainting import Inpainting
-from ldm.diffusion.schedules import karras_sigmas, spaced_timesteps
+from ldm.diffusion.schedules import karras_noise_levels, spaced_timesteps
 from ldm.diffusion.thresholding import Threshold
 
 ModelFn = Callable[..., torch.Tensor]
@@ -105,13 +105,13 @@ def sampling_chain(
     num_steps: int | None,
     spacing: str = "leading",
     steps_offset: int = 0,
-    karras: bool = False,
+    karras_sigmas: bool = False,
 ) -> GaussianDiffusion:
-    """The process a sampler walks: the full chain, its respacing to `num_steps` timesteps, or with `karras`
+    """The process a sampler walks: the full chain, its respacing to `num_steps` timesteps, or with `karras_sigmas`
     the `num_steps` Karras et al. noise levels between the chain's smallest and largest sigma (each told to the
     network as the timestep of its sigma, interpolated in log sigma and rounded, as diffusers does; `spacing`
     then plays no part)."""
-    if karras:
+    if karras_sigmas:
         return _karras_chain(diffusion, diffusion.num_timesteps if num_steps is None else num_steps)
     if num_steps is None or (num_steps == diffusion.num_timesteps and steps_offset == 0):
         return diffusion
@@ -127,7 +127,7 @@ def _karras_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffu
             "use the schedule's own timesteps"
         )
     log_sigmas = 0.5 * (np.log1p(-abar) - np.log(abar))  # ascending in t
-    sigmas = karras_sigmas(float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1])), num_steps)[::-1]
+    sigmas = karras_noise_levels(float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1])), num_steps)[::-1]
     timesteps = np.interp(np.log(sigmas), log_sigmas, np.arange(len(abar))).round().astype(np.int64)
     return diffusion.at_levels(1.0 / (1.0 + sigmas**2), timesteps)
 

@@ -69,7 +69,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+def karras_noise_levels(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
     """The noise levels of Karras et al. 2022 (eq. 5), descending from sigma_max to sigma_min:
     sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1.
 

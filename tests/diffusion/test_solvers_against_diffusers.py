@@ -73,7 +73,7 @@ def test_dpmpp_2m_matches_diffusers_every_step(schedule, prediction, karras, sde
     )
     scheduler.alphas_cumprod = diffusion.coef.alphas_cumprod.clone()  # float64: sigma_min cancels in float32
     scheduler.set_timesteps(steps)
-    chain = sampling_chain(diffusion, steps, "trailing", karras=karras)
+    chain = sampling_chain(diffusion, steps, "trailing", karras_sigmas=karras)
     assert chain.timesteps[::-1].tolist() == scheduler.timesteps.tolist(), "the same timesteps for the model"
     sigmas = np.sqrt((1 - chain.coef.alphas_cumprod.numpy()) / chain.coef.alphas_cumprod.numpy())[::-1]
     np.testing.assert_allclose(sigmas, scheduler.sigmas[:-1].numpy(), rtol=1e-5)  # diffusers: float32
@@ -138,7 +138,7 @@ def test_dpmpp_2m_on_a_zero_terminal_snr_schedule_takes_the_limit_diffusers_appr
 def test_karras_sigmas_are_refused_on_a_zero_terminal_snr_schedule():
     diffusion = GaussianDiffusion.from_schedule("scaled_linear", 1000, prediction="v", zero_terminal_snr=True)
     with pytest.raises(ValueError, match="karras_sigmas: a zero-terminal-SNR schedule"):
-        sampling_chain(diffusion, 10, karras=True)
+        sampling_chain(diffusion, 10, karras_sigmas=True)
 
 
 @pytest.mark.parametrize("schedule", TWO_SCHEDULES)

@@ -113,3 +113,10 @@ def test_folder_without_sampling_defaults_gets_the_defaults(model_folder, tmp_pa
     folder = shutil.copytree(model_folder, tmp_path / "model")
     (folder / SAMPLING_DEFAULTS).unlink()  # e.g. a Stable Diffusion folder from elsewhere
     assert LatentDiffusionPipeline.from_pretrained(folder).defaults == SamplingDefaults()
+
+
+def test_the_folder_names_every_sampler_the_diffusion_package_has():
+    from ldm.diffusion import SAMPLERS as SAMPLER_FUNCTIONS
+    from ldm.model_folder import SAMPLERS
+
+    assert SAMPLERS == tuple(SAMPLER_FUNCTIONS)

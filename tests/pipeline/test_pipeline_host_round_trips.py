@@ -17,27 +17,27 @@ from ldm.pipeline import LatentDiffusionPipeline
 from tests.host_round_trips import HostRoundTrips, StepWindows
 from tests.pipeline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
 
-SAMPLER_FUNCTIONS = {"ddim": "sample_ddim", "ddpm": "sample_ddpm"}
+SAMPLERS = list(ldm.pipeline.SAMPLER_FUNCTIONS)
 
 
 def count_pipeline_steps(pipe: LatentDiffusionPipeline, sampler: str, monkeypatch, **kwargs) -> list[HostRoundTrips]:
     """Run 3 guided steps and return the round trips of steps 2 and 3, each counted from the end of the step
     before it (the sampler's callback, which the pipeline's sampler call is wrapped to pass) to its own end."""
     windows = StepWindows()
-    sample = getattr(ldm.pipeline, SAMPLER_FUNCTIONS[sampler])
+    sample = ldm.pipeline.SAMPLER_FUNCTIONS[sampler]
 
     def sample_with_windows(*args, callback=None, **sample_kwargs):
         windows.then = callback  # the pipeline's own callback still runs
         return sample(*args, callback=windows, **sample_kwargs)
 
-    monkeypatch.setattr(ldm.pipeline, SAMPLER_FUNCTIONS[sampler], sample_with_windows)
+    monkeypatch.setitem(ldm.pipeline.SAMPLER_FUNCTIONS, sampler, sample_with_windows)
     with windows:
         pipe("a red circle", guidance_scale=5.0, num_inference_steps=3, sampler=sampler, **kwargs)
     assert len(windows.steps) == 2
     return windows.steps
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_a_guided_denoising_step_makes_no_host_round_trip(pipe, sampler, monkeypatch):
     """No sync and no tensor from host data in a step: the U-Net gets a device tensor of timesteps (given a
     Python int, diffusers' U-Net would build `torch.tensor([t])`), DDPM's t = 0 test reads the loop index."""
@@ -50,7 +50,21 @@ def test_a_guided_denoising_step_makes_no_host_round_trip(pipe, sampler, monkeyp
         assert trips.host_data == Counter(), str(trips)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_an_inpainting_step_with_guidance_rescale_makes_no_host_round_trip(pipe, monkeypatch):
+    """RePaint's blend and jumps and the rescale's per-sample std stay on the device."""
+    image = torch.rand(1, 3, pipe.default_size, pipe.default_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, pipe.default_size, pipe.default_size)
+    mask[..., :8, :8] = 1
+    steps = count_pipeline_steps(
+        pipe, "dpmpp_2m", monkeypatch, image=image, mask_image=mask, resample=2, guidance_rescale=0.7,
+        generator=torch.Generator().manual_seed(0), output_type="latent", progress=False,
+    )  # fmt: skip
+    for trips in steps:
+        assert trips.syncs == Counter(), str(trips)
+        assert trips.host_data == Counter(), str(trips)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_pipeline_to_a_device_leaves_no_step_copying_from_the_host(sampler, monkeypatch):
     """After `pipeline.to("meta")` every part, the schedule included, is on meta, and a step copies nothing
     across devices (the old schedule gather copied its arrays CPU -> meta in every step)."""

@@ -10,7 +10,13 @@ float64).
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
 
 from ldm.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_pipeline
@@ -69,8 +75,8 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(pipe, diffusers_pipe):
     diffusers_pipe.scheduler = DDPMScheduler.from_config(diffusers_pipe.scheduler.config)
     try:
         assert_same(*both(pipe, diffusers_pipe, sampler="ddpm", guidance_scale=5.0, num_inference_steps=6))
-    finally:
-        diffusers_pipe.scheduler = type(diffusers_pipe.scheduler).from_config(diffusers_pipe.scheduler.config)
+    finally:  # the folder's own scheduler back, for the tests after this one
+        diffusers_pipe.scheduler = DDIMScheduler.from_config(diffusers_pipe.scheduler.config)
 
 
 def test_v_prediction_linear_schedule_matches_diffusers(tmp_path):
@@ -93,3 +99,39 @@ def test_trailing_spacing_differs_from_diffusers_ddim_by_design(tmp_path):
     sd.set_progress_bar_config(disable=True)
     ours, _, theirs, _ = both(pipe, sd, guidance_scale=6.0, num_inference_steps=7)
     assert (ours - theirs).abs().max() > 100 * TOLERANCE * theirs.abs().max()
+
+
+def test_guidance_rescale_matches_diffusers(pipe, diffusers_pipe):
+    assert_same(*both(pipe, diffusers_pipe, guidance_scale=7.5, num_inference_steps=6, guidance_rescale=0.7))
+
+
+def test_a_diffusers_scheduler_object_samples_as_in_diffusers(pipe, diffusers_pipe):
+    """`scheduler=` runs diffusers' own step code in our loop: the images equal diffusers' pipeline's with it."""
+    scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler_config)
+    diffusers_pipe.scheduler = UniPCMultistepScheduler.from_config(diffusers_pipe.scheduler.config)
+    try:
+        ours_latent, ours_np = (
+            pipe(PROMPTS, scheduler=scheduler, guidance_scale=5.0, num_inference_steps=6, output_type=kind,
+                 generator=torch.Generator().manual_seed(0), progress=False).images
+            for kind in ("latent", "np")
+        )  # fmt: skip
+        theirs_latent, theirs_np = (
+            diffusers_pipe(PROMPTS, guidance_scale=5.0, num_inference_steps=6, output_type=kind,
+                           height=IMAGE_SIZE, width=IMAGE_SIZE, generator=torch.Generator().manual_seed(0)).images
+            for kind in ("latent", "np")
+        )  # fmt: skip
+        assert_same(ours_latent, ours_np, theirs_latent, theirs_np)
+    finally:
+        diffusers_pipe.scheduler = DDIMScheduler.from_config(diffusers_pipe.scheduler.config)
+
+
+@pytest.mark.parametrize(("sampler", "algorithm"), [("dpmpp_2m", "dpmsolver++"), ("dpmpp_2m_sde", "sde-dpmsolver++")])
+def test_dpm_solver_matches_diffusers_on_a_trailing_v_prediction_folder(tmp_path, sampler, algorithm):
+    """On trailing spacing our DPM-Solver++ visits diffusers' timesteps (its leading spacing divides by n + 1
+    where DDIM's divides by n; ours keeps one spacing for every sampler)."""
+    schedule = NoiseScheduleConfig(prediction="v", timestep_spacing="trailing")
+    pipe = tiny_pipeline(schedule, seed=1)
+    sd = StableDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"))
+    sd.set_progress_bar_config(disable=True)
+    sd.scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config, algorithm_type=algorithm)
+    assert_same(*both(pipe, sd, sampler=sampler, guidance_scale=6.0, num_inference_steps=7))
