@@ -14,7 +14,16 @@ import sys
 from collections.abc import Sequence
 
 # Modules under ldm.commands, in the order `ldm --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("quickstart", "train", "precompute", "generate", "evaluate", "toy")
+COMMAND_MODULES: tuple[str, ...] = (
+    "quickstart",
+    "train",
+    "precompute",
+    "generate",
+    "invert",
+    "interpolate",
+    "evaluate",
+    "toy",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Imported by name, never from a computed string: the command set is fixed code, not input.
-    from ldm.commands import evaluate, generate, precompute, quickstart, toy, train
+    from ldm.commands import evaluate, generate, interpolate, invert, precompute, quickstart, toy, train
 
     modules = {
         "quickstart": quickstart,
         "train": train,
         "precompute": precompute,
         "generate": generate,
+        "invert": invert,
+        "interpolate": interpolate,
         "evaluate": evaluate,
         "toy": toy,
     }

@@ -1,4 +1,4 @@
-"""Model-space images (tensors in [-1, 1]) to pixels: PIL images, grids and denoising strips.
+"""Model-space images (tensors in [-1, 1]) to pixels: PIL images, grids, denoising strips and animations.
 
 The conversion is diffusers' `VaeImageProcessor.postprocess`: x -> (x / 2 + 0.5).clamp(0, 1), then
 round(255 x) to uint8, so a PNG written here has the same bytes diffusers would write for the tensor.
@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
+
+ANIMATION_FORMATS = (".gif", ".webp")
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -53,8 +55,7 @@ def image_grid(
         raise ValueError("images: is empty; a grid needs at least one image")
     if scale < 1:
         raise ValueError(f"scale: must be >= 1, got {scale}")
-    if scale > 1:
-        tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST) for tile in tiles]
+    tiles = enlarged(tiles, scale)
     if rows is None:
         rows = max(1, math.isqrt(len(tiles)))
     if rows < 1:
@@ -70,6 +71,13 @@ def image_grid(
         row, col = divmod(i, cols)
         grid.paste(tile.convert("RGB"), (padding + col * (width + padding), padding + row * (height + padding)))
     return grid
+
+
+def enlarged(images: Sequence[Image.Image], scale: int) -> list[Image.Image]:
+    """Each image `scale` times larger by pixel repetition (nearest neighbour), so small samples stay exact."""
+    if scale == 1:
+        return list(images)
+    return [image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) for image in images]
 
 
 def save_image_grid(
@@ -92,3 +100,28 @@ def evenly_spaced(length: int, count: int) -> list[int]:
         raise ValueError(f"evenly_spaced: length and count must be >= 1, got {length}, {count}")
     count = min(count, length)
     return sorted({round(i * (length - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def write_animation(frames: Sequence[Image.Image], path: str | Path, fps: float = 8.0, scale: int = 1) -> Path:
+    """Write `frames` as a looping animated GIF or WebP (chosen by the suffix of `path`), each frame shown for
+    1000 / fps ms and enlarged `scale` times by pixel repetition; parent folders are created.
+
+    Both formats merge a frame identical to the one before it into that one (a longer frame), so the file
+    holds fewer frames than given only when consecutive frames repeat. The WebP is lossless; the GIF has a
+    palette of 256 colours per frame.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in ANIMATION_FORMATS:
+        raise ValueError(f"path: {str(path)!r} must end in {' or '.join(ANIMATION_FORMATS)}")
+    if not frames:
+        raise ValueError("frames: is empty; an animation needs at least one frame")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps: must be a positive number, got {fps}")
+    if scale < 1:
+        raise ValueError(f"scale: must be >= 1, got {scale}")
+    tiles = enlarged([frame.convert("RGB") for frame in frames], scale)
+    options = {"lossless": True} if path.suffix.lower() == ".webp" else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # loop=0: repeat forever. GIF stores durations in hundredths of a second (125 ms is kept as 120).
+    tiles[0].save(path, save_all=True, append_images=tiles[1:], duration=round(1000 / fps), loop=0, **options)
+    return path

@@ -256,8 +256,8 @@ class LatentDiffusionPipeline:
         karras_sigmas means the folder's `SamplingDefaults`; None for height / width means the U-Net's size (or
         the init image's). `guidance_rescale` is Lin et al.'s phi; `threshold` clips the predicted x0 (our
         samplers; a diffusers scheduler thresholds by its own config).
-        `latents` is x_T (B, C, h, w) with B = prompts x num_images_per_prompt; with `image` it is the noise
-        the image's latents are noised with.
+        `latents` is x_T (B, C, h, w) with B = prompts x num_images_per_prompt (its h, w set the image size
+        when height / width are None); with `image` it is the noise the image's latents are noised with.
         Image-to-image: `image` (PIL image(s), arrays or a (B, 3, H, W) tensor in [0, 1]) and `strength` in
         (0, 1] (default 0.8): of n steps the last int(n strength) are run, from the image's latents noised to
         the first of them. Inpainting: also `mask_image` (white / 1 = repaint; default strength 1), the known
@@ -269,12 +269,17 @@ class LatentDiffusionPipeline:
             our_options = {"sampler": sampler, "eta": eta, "karras_sigmas": karras_sigmas, "threshold": threshold}
             check_scheduler_call(our_options, resample, return_trajectory)
             scheduler = self._scheduler_for(scheduler)
+        if image is None and isinstance(latents, torch.Tensor) and latents.ndim == 4:
+            f = self.vae_scale_factor  # x_T sets the size unless the call gives one (a mismatch is named below)
+            height, width = height or latents.shape[-2] * f, width or latents.shape[-1] * f
         s = self.resolve_settings(guidance_scale, num_inference_steps, sampler, eta, height, width, karras_sigmas)
         pixels = image_batch(image) if image is not None else None
         if pixels is not None:
             s = sized_like(s, self.geometry, pixels, height, width)
         strength = editing_strength(pixels is not None, strength, mask_image, resample, s.num_inference_steps)
-        needs_step_noise = s.stochastic or mask_image is not None
+        # Our stochastic samplers and RePaint draw step noise on the device; a diffusers scheduler's
+        # randn_tensor draws where the generator is and moves it.
+        needs_step_noise = scheduler is None and (s.stochastic or mask_image is not None)
         check_call_options(num_images_per_prompt, output_type, generator, needs_step_noise, self.device)
         guidance_rescale = check_guidance_options(guidance_rescale, threshold, callback)
 

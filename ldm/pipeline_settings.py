@@ -61,13 +61,17 @@ def resolve_settings(
     width: int | None = None,
     karras_sigmas: bool | None = None,
 ) -> SamplingSettings:
-    """The settings: each None is the folder's default (sizes: the U-Net's), then every value is checked."""
+    """The settings: each None is the folder's default (sizes: the U-Net's; eta: 0 for a sampler other than
+    DDIM), then every value is checked."""
     d = defaults
+    sampler = d.sampler if sampler is None else sampler
+    if eta is None:  # the folder's eta is DDIM's: another sampler asked for by name takes none
+        eta = d.eta if sampler == "ddim" else 0.0
     s = SamplingSettings(
         guidance_scale=d.guidance_scale if guidance_scale is None else as_float(guidance_scale, "guidance_scale"),
         num_inference_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
-        sampler=d.sampler if sampler is None else sampler,
-        eta=d.eta if eta is None else as_float(eta, "eta"),
+        sampler=sampler,
+        eta=as_float(eta, "eta"),
         height=geometry.default_size if height is None else height,
         width=geometry.default_size if width is None else width,
         karras_sigmas=d.karras_sigmas if karras_sigmas is None else karras_sigmas,

@@ -11,15 +11,28 @@ from ldm.cli import COMMAND_MODULES, main
 def test_help_lists_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert set(COMMAND_MODULES) == {"quickstart", "train", "precompute", "generate", "evaluate", "toy"}
+    modules = {"quickstart", "train", "precompute", "generate", "invert", "interpolate", "evaluate", "toy"}
+    assert set(COMMAND_MODULES) == modules
     commands = ("quickstart", "train-autoencoder", "train-diffusion", "precompute-latents", "generate", "evaluate")
-    for name in (*commands, "toy"):
+    for name in (*commands, "invert", "interpolate", "toy"):
         assert name in out
 
 
 def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "ldm", "--help"], capture_output=True, text=True, check=True)
     assert "usage: ldm" in result.stdout
+
+
+def test_building_the_command_line_imports_no_heavy_library():
+    # `ldm --help` stays instant: the commands import torch and diffusers only when they run.
+    script = (
+        "import sys\n"
+        "from ldm.cli import build_parser\n"
+        "build_parser()\n"
+        "print(sorted({'torch', 'diffusers', 'PIL'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_a_bad_override_is_one_clear_line(tmp_path, capsys):

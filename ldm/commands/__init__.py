@@ -1,7 +1,14 @@
 """Subcommands of the `ldm` command line; each module has `register(subparsers)`."""
 
+from __future__ import annotations
+
 import argparse
 import shlex
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # PIL is imported where an image is opened, so `ldm --help` stays instant
+    from PIL.Image import Image
 
 
 class CommandError(Exception):
@@ -25,6 +32,55 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """--device, for commands that run a model."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
+
+
+class SamplerChoices:
+    """The pipeline's sampler names (`ldm.model_folder.SAMPLERS`) as argparse `choices`, read only when argparse
+    checks a --sampler or prints a usage: the tuple's module imports diffusers, which would make registering
+    the option (and so `ldm --help`) take seconds."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from ldm.model_folder import SAMPLERS
+
+        return SAMPLERS
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling options of commands that run the pipeline: --guidance-scale, --steps, --sampler, --karras.
+    Unset, each is None: the model folder's default."""
+    parser.add_argument("--guidance-scale", type=float, default=None, help="w; 1 = no guidance (default: folder's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: folder's)")
+    # A metavar, so that argparse does not list the choices (importing them) when it adds the option.
+    parser.add_argument(
+        "--sampler", choices=SamplerChoices(), default=None, metavar="NAME", help="%(choices)s (default: folder's)"
+    )
+    parser.add_argument(
+        "--karras",
+        dest="karras_sigmas",
+        action="store_const",
+        const=True,
+        default=None,
+        help="step through Karras et al.'s noise levels (default: folder's)",
+    )
+
+
+def open_image(path: str, flag: str, mode: str) -> Image:
+    """The image file `path` given to `flag`, converted to PIL `mode` ("RGB", "L"); CommandError naming the flag
+    and the path when it is missing or not an image PIL can read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, Image.DecompressionBombError) as err:  # missing, a folder, not an image, truncated
+        raise CommandError(f"{flag}: cannot read {path!r} as an image ({type(err).__name__}: {err})") from err
 
 
 def resolve_device(name: str | None) -> str:

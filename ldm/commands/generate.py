@@ -5,19 +5,37 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ldm.commands import add_device_argument
+from ldm.commands import add_device_argument, add_sampler_arguments
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
     from PIL.Image import Image
-    from torch import Tensor
+    from torch import Generator, Tensor
 
     from ldm.pipeline import LatentDiffusionPipeline, SamplingSettings
 
 DEFAULT_OUT = "outputs/generate"
 STRIP_COLUMNS = 10  # denoising-strip frames, x_T .. x_0 evenly spaced
 MIN_TILE = 64  # grid and strip tiles smaller than this are enlarged by whole-pixel repetition
+# The options of our samplers (with their argparse destinations), which a diffusers --scheduler does not have.
+OUR_SAMPLER_FLAGS = {
+    "--sampler": "sampler",
+    "--karras": "karras_sigmas",
+    "--eta": "eta",
+    "--static-threshold": "static_threshold",
+    "--dynamic-threshold": "dynamic_threshold",
+    "--resample": "resample",
+    "--trajectory": "trajectory",
+}
+# Named when --scheduler is given no scheduler class and nothing close to its name.
+SCHEDULER_EXAMPLES = (
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerDiscreteScheduler",
+    "UniPCMultistepScheduler",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,19 +45,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate images from text prompts with a trained model folder",
         description="Sample images for each prompt with classifier-free guidance. Writes OUT/NNN-<prompt>.png per "
         "image, OUT/grid.png (one row per prompt) and, with --trajectory, OUT/trajectory-PP-<prompt>.png; "
-        "prints the paths. Unset sampling options fall back to the folder's ldm_sampling.json.",
+        "prints the paths. Unset sampling options fall back to the folder's ldm_sampling.json. With --init-image "
+        "it turns an image into another (img2img), with --mask too it repaints the mask's white region.",
     )
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s)")
+    parser.add_argument(
+        "prompts", nargs="*", metavar="PROMPT", help="text prompt(s); with --prompt-embeds they only name the files"
+    )
     parser.add_argument("--model", required=True, metavar="DIR", help="model folder (diffusers SD pipeline folder)")
     parser.add_argument("--negative-prompt", default=None, help="guide away from this text instead of ''")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="w; 1 = no guidance (default: folder's)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: folder's)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: folder's")
+    add_sampler_arguments(parser)
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise, 0 = deterministic (default: folder's)")
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="NAME",
+        help="sample with this diffusers scheduler class instead of our samplers, built from the folder's "
+        "scheduler config (e.g. UniPCMultistepScheduler); not with --sampler, --karras or --eta",
+    )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        metavar="PHI",
+        help="rescale the guided prediction's std towards the conditional one's (Lin et al. 2023), in [0, 1] "
+        "(default: 0, off)",
+    )
+    thresholds = parser.add_mutually_exclusive_group()
+    thresholds.add_argument(
+        "--static-threshold", type=float, default=None, metavar="LIMIT", help="clamp the predicted x_0 to +-LIMIT"
+    )
+    thresholds.add_argument(
+        "--dynamic-threshold",
+        type=float,
+        default=None,
+        metavar="PERCENTILE",
+        help="Imagen's dynamic thresholding of the predicted x_0 at this percentile of |x_0|, in (0, 1]",
+    )
+    parser.add_argument(
+        "--threshold-max",
+        type=float,
+        default=None,
+        metavar="VALUE",
+        help="with --dynamic-threshold: the largest threshold (default: no limit)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt (default: 1)")
-    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
-    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's size, or the image's)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's size, or the image's)")
+    parser.add_argument(
+        "--latents",
+        default=None,
+        metavar="FILE",
+        help="start from this x_T: a .safetensors file with a (B, C, h, w) tensor 'latents', B = prompts x "
+        "--num-images (e.g. written by `ldm invert`)",
+    )
+    parser.add_argument(
+        "--prompt-embeds",
+        default=None,
+        metavar="FILE",
+        help="condition on these text embeddings instead of PROMPTs: a .safetensors file with 'prompt_embeds' "
+        "(P, L, D) and optionally 'negative_prompt_embeds'",
+    )
+    parser.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --init-image: how much of the chain to run, in (0, 1] (default: 0.8, or 1 with --mask)",
+    )
+    parser.add_argument(
+        "--mask", default=None, metavar="PATH", help="with --init-image: repaint where this image is white"
+    )
+    parser.add_argument(
+        "--resample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --mask: RePaint's resampling passes per step (default: 1, none)",
+    )
     add_device_argument(parser)
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--trajectory", action="store_true", help="also write the x_T -> x_0 strip per prompt")
@@ -52,20 +136,177 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise CommandError(f"--num-images: must be >= 1, got {args.num_images}")
+    check_options(args)
+    scheduler_class = diffusers_scheduler(args.scheduler) if args.scheduler is not None else None
+    # The input files are read before the model loads, so a mistyped path fails at once.
+    extra = pipeline_arguments(args)
+    prompts = prompt_names(args.prompts, extra.get("prompt_embeds"), args.prompt_embeds)
     device = resolve_device(args.device)
     try:  # a bad folder or option is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device)
+        height, width = size_of_latents(extra, pipe.vae_scale_factor, args.height, args.width)
         settings = pipe.resolve_settings(
-            args.guidance_scale, args.steps, args.sampler, args.eta, args.height, args.width
+            args.guidance_scale, args.steps, args.sampler, args.eta, height, width, karras_sigmas=args.karras_sigmas
         )
     except (OSError, ValueError) as err:  # a missing or corrupt component, or an invalid option
         raise CommandError(str(err)) from err
+    if scheduler_class is not None:
+        # A diffusers scheduler replaces our sampler, so none of our sampler's settings is passed with it.
+        scheduler = scheduler_class.from_config(pipe.scheduler_config)
+        extra |= {"scheduler": scheduler, "sampler": None, "eta": None, "karras_sigmas": None}
     paths = generate_images(
-        pipe, args.prompts, Path(args.out), args.seed, settings, args.num_images, args.negative_prompt, args.trajectory
+        pipe,
+        prompts,
+        Path(args.out),
+        args.seed,
+        settings,
+        args.num_images,
+        args.negative_prompt,
+        args.trajectory,
+        extra,
     )
     for path in paths:
         print(path)
     return 0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """CommandError naming the flag for options that do not go together or need another (before any loading)."""
+    from ldm.commands import CommandError
+
+    if not args.prompts and args.prompt_embeds is None:
+        raise CommandError("PROMPT: give at least one prompt, or --prompt-embeds FILE")
+    if args.prompt_embeds is not None and args.negative_prompt is not None:
+        raise CommandError("--negative-prompt: not with --prompt-embeds; put 'negative_prompt_embeds' in its file")
+    if args.scheduler is not None:
+        values = {flag: getattr(args, dest) for flag, dest in OUR_SAMPLER_FLAGS.items()}
+        # Unset is None, or False for --trajectory; compared by identity, as --eta 0 is set though 0 == False.
+        given = [flag for flag, value in values.items() if value is not None and value is not False]
+        if given:
+            raise CommandError(
+                f"--scheduler: replaces our samplers, so it does not go with {', '.join(given)} "
+                "(a diffusers scheduler takes its settings from the folder's scheduler config)"
+            )
+    for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+        if value is not None and args.init_image is None:
+            raise CommandError(f"{flag}: needs --init-image (the image to start from)")
+    if args.resample is not None and args.mask is None:
+        raise CommandError("--resample: needs --mask (it resamples the repainted region)")
+    if args.threshold_max is not None and args.dynamic_threshold is None:
+        raise CommandError("--threshold-max: needs --dynamic-threshold (it bounds the dynamic threshold)")
+    if args.static_threshold is not None and not args.static_threshold > 0:
+        raise CommandError(f"--static-threshold: must be > 0, got {args.static_threshold}")
+    if args.dynamic_threshold is not None and not 0 < args.dynamic_threshold <= 1:
+        raise CommandError(f"--dynamic-threshold: must be in (0, 1], got {args.dynamic_threshold}")
+
+
+def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline keyword arguments beyond the sampling settings: guidance rescale, thresholds, the files
+    given to --latents, --prompt-embeds, --init-image and --mask; unset options are left out (pipeline defaults)."""
+    from ldm.commands import open_image
+    from ldm.diffusion import DynamicThreshold, StaticThreshold
+
+    extra: dict[str, Any] = {"guidance_rescale": args.guidance_rescale}
+    if args.static_threshold is not None:
+        extra["threshold"] = StaticThreshold(args.static_threshold)
+    if args.dynamic_threshold is not None:
+        limit = float("inf") if args.threshold_max is None else args.threshold_max
+        extra["threshold"] = DynamicThreshold(args.dynamic_threshold, limit)
+    if args.latents is not None:
+        extra["latents"] = read_tensors(args.latents, "--latents", ("latents",))["latents"]
+    if args.prompt_embeds is not None:
+        embeds = read_tensors(args.prompt_embeds, "--prompt-embeds", ("prompt_embeds",), ("negative_prompt_embeds",))
+        extra |= {"prompt": None, **embeds}
+    if args.init_image is not None:
+        extra["image"] = open_image(args.init_image, "--init-image", "RGB")
+    if args.mask is not None:
+        extra["mask_image"] = open_image(args.mask, "--mask", "L")
+    extra |= {name: getattr(args, name) for name in ("strength", "resample") if getattr(args, name) is not None}
+    if args.init_image is not None:
+        # The pipeline sizes the call by the image; the model's default size would contradict it.
+        extra |= {"height": args.height, "width": args.width}
+    return extra
+
+
+def size_of_latents(
+    extra: dict[str, Any], vae_scale_factor: int, height: int | None, width: int | None
+) -> tuple[int | None, int | None]:
+    """--height and --width, with each unset one taken from the given x_T (B, C, h, w) as h f, w f, as the
+    pipeline does; needed here because the settings are resolved (and passed whole) before the call, and
+    `ldm invert` of an image of another size than the model's writes such latents. Without latents (or with an
+    init image), as given."""
+    latents = extra.get("latents")
+    if latents is None or "image" in extra or latents.ndim != 4:  # a wrong shape is the pipeline's to report
+        return height, width
+    h, w = (side * vae_scale_factor for side in latents.shape[-2:])
+    return (h if height is None else height), (w if width is None else width)
+
+
+def read_tensors(path: str, flag: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """The tensors `required` (and those of `optional` that are there) from the safetensors file `path` given
+    to `flag`; CommandError naming the flag and the file when it is missing, unreadable or lacks a key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ldm.commands import CommandError
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise CommandError(f"{flag}: cannot read {path!r} as safetensors ({type(err).__name__}: {err})") from err
+    missing = [key for key in required if key not in tensors]
+    if missing:
+        raise CommandError(
+            f"{flag}: {path!r} has no tensor {missing[0]!r} (it holds: {', '.join(sorted(tensors)) or 'nothing'})"
+        )
+    return {key: tensors[key] for key in (*required, *optional) if key in tensors}
+
+
+def prompt_names(prompts: list[str], prompt_embeds: Tensor | None, embeds_file: str | None) -> list[str]:
+    """The prompts that name the output files: the PROMPTs, or with --prompt-embeds and no PROMPT one
+    placeholder per embedded prompt (CommandError when their counts differ)."""
+    from ldm.commands import CommandError
+
+    if prompt_embeds is None:
+        return prompts
+    if prompt_embeds.ndim != 3:
+        raise CommandError(
+            f"--prompt-embeds: 'prompt_embeds' in {embeds_file!r} must be (prompts, tokens, width), "
+            f"got shape {tuple(prompt_embeds.shape)}"
+        )
+    count = prompt_embeds.shape[0]
+    if not prompts:
+        return [f"prompt embeds {p}" for p in range(count)]
+    if len(prompts) != count:
+        raise CommandError(
+            f"--prompt-embeds: {embeds_file!r} holds {count} prompts but {len(prompts)} PROMPTs name them"
+        )
+    return prompts
+
+
+def diffusers_scheduler(name: str) -> type:
+    """The diffusers scheduler class called `name`: only names diffusers exports whose object is a subclass of
+    `diffusers.SchedulerMixin`, so the flag cannot reach any other class; else CommandError with valid names."""
+    import difflib
+    import importlib.util
+
+    import diffusers
+
+    from ldm.commands import CommandError
+
+    names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax"))
+    cls = getattr(diffusers, name) if name in names else None
+    if cls is not None and getattr(cls, "_backends", None) and not issubclass(cls, diffusers.SchedulerMixin):
+        # diffusers exports a placeholder for a scheduler whose optional dependency is missing.
+        missing = [backend for backend in cls._backends if importlib.util.find_spec(backend) is None]
+        raise CommandError(f"--scheduler: {name} needs {', '.join(missing or cls._backends)}, which is not installed")
+    if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin):
+        return cls
+    examples = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or [n for n in SCHEDULER_EXAMPLES if n in names]
+    raise CommandError(
+        f"--scheduler: {name!r} is not a diffusers scheduler class; valid names include {', '.join(examples)} "
+        f"({len(names)} in all)"
+    )
 
 
 def generate_images(
@@ -77,24 +318,30 @@ def generate_images(
     num_images_per_prompt: int = 1,
     negative_prompt: str | None = None,
     trajectory: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Sample, then write each image, the grid (one row per prompt) and, with `trajectory`, one strip per
-    prompt; returns the paths written."""
-    import torch
-
+    prompt; returns the paths written. `extra` holds more pipeline keyword arguments, which override the ones
+    built here (e.g. prompt=None with prompt_embeds); the pipeline's ValueErrors become CommandErrors."""
+    from ldm.commands import CommandError
     from ldm.images import evenly_spaced, image_grid, to_pil
 
-    # A CPU generator draws the same x_T on every device; step noise must come from the sampling device.
-    generator = torch.Generator(pipe.device if settings.stochastic else "cpu").manual_seed(seed)
-    result = pipe(
-        prompts,
-        negative_prompt=negative_prompt,
-        num_images_per_prompt=num_images_per_prompt,
-        generator=generator,
-        output_type="latent",
-        return_trajectory=trajectory,
+    extra = extra or {}
+    step_noise = settings.stochastic or "mask_image" in extra  # inpainting noises the kept region at every step
+    arguments = {
+        "prompt": prompts,
+        "negative_prompt": negative_prompt,
+        "num_images_per_prompt": num_images_per_prompt,
+        "generator": sampling_generator(pipe, seed, step_noise),
+        "output_type": "latent",
+        "return_trajectory": trajectory,
         **vars(settings),
-    )
+        **extra,
+    }
+    try:
+        result = pipe(**arguments)
+    except ValueError as err:  # an invalid argument (named by the message) is the user's to fix
+        raise CommandError(str(err)) from err
     images = to_pil(pipe.decode(result.images))
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -116,6 +363,14 @@ def generate_images(
             paths.append(out / f"trajectory-{p:02d}-{slug(prompt)}.png")
             image_grid(tiles, rows=2 * num_images_per_prompt, scale=scale).save(paths[-1])
     return paths
+
+
+def sampling_generator(pipe: LatentDiffusionPipeline, seed: int, step_noise: bool) -> Generator:
+    """The seeded generator of a pipeline call: on the CPU, which draws the same x_T on every device, unless the
+    call draws noise at every step (a stochastic sampler, inpainting), which must come from the sampling device."""
+    import torch
+
+    return torch.Generator(pipe.device if step_noise else "cpu").manual_seed(seed)
 
 
 def denoising_strip(

@@ -6,7 +6,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from ldm.images import evenly_spaced, image_grid, save_image_grid, to_numpy, to_pil
+from ldm.images import evenly_spaced, image_grid, save_image_grid, to_numpy, to_pil, write_animation
 
 
 def test_to_pil_and_to_numpy_match_diffusers_postprocessing():
@@ -44,3 +44,26 @@ def test_evenly_spaced_keeps_both_ends():
     assert evenly_spaced(51, 10) == [0, 6, 11, 17, 22, 28, 33, 39, 44, 50]
     assert evenly_spaced(4, 10) == [0, 1, 2, 3]
     assert evenly_spaced(1, 10) == [0]
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp"])
+def test_write_animation_loops_every_frame_at_the_given_rate(tmp_path, suffix):
+    frames = [Image.new("RGB", (4, 3), (40 * i, 255 - 40 * i, 0)) for i in range(5)]
+    path = write_animation(frames, tmp_path / "sub" / f"anim{suffix}", fps=4, scale=2)
+    with Image.open(path) as animation:
+        assert animation.n_frames == 5 and animation.size == (8, 6)
+        assert animation.info["loop"] == 0  # forever
+        animation.seek(3)
+        animation.load()  # WebP reads a frame's duration with its pixels
+        assert animation.info["duration"] == 250  # 1000 / fps ms
+        assert animation.convert("RGB").getpixel((7, 5)) == (120, 135, 0)  # the WebP is lossless; GIF keeps 5 colours
+
+
+def test_write_animation_rejects_what_it_cannot_write(tmp_path):
+    frame = Image.new("RGB", (2, 2))
+    with pytest.raises(ValueError, match=r"path: .* must end in \.gif or \.webp"):
+        write_animation([frame], tmp_path / "anim.png")
+    with pytest.raises(ValueError, match="frames: is empty"):
+        write_animation([], tmp_path / "anim.gif")
+    with pytest.raises(ValueError, match="fps: must be a positive number"):
+        write_animation([frame], tmp_path / "anim.gif", fps=0)

@@ -119,4 +119,4 @@ def test_the_folder_names_every_sampler_the_diffusion_package_has():
     from ldm.diffusion import SAMPLERS as SAMPLER_FUNCTIONS
     from ldm.model_folder import SAMPLERS
 
-    assert SAMPLERS == tuple(SAMPLER_FUNCTIONS)
+    assert tuple(SAMPLER_FUNCTIONS) == SAMPLERS

@@ -122,7 +122,7 @@ def test_img2img_at_low_strength_stays_near_the_image(v_pipe):
 
 def test_image_inputs_of_every_form_encode_alike(pipe):
     image = square_image()
-    as_array = np.asarray(image)
+    as_array = np.array(image)  # a writable copy
     as_tensor = torch.from_numpy(as_array).permute(2, 0, 1).unsqueeze(0).float() / 255
     reference = pipe.encode_image(image)
     for form in ([image], as_array, as_array.astype(np.float32) / 255, as_tensor, as_tensor[0]):
