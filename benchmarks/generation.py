@@ -7,10 +7,13 @@ Every figure is read by the attribute probe (`ldm/evaluation/probe.py`) from hel
 - solvers: probe accuracy, U-Net evaluations and seconds per image of each sampler and step count at the
   model's default guidance, every sampler starting from the same x_T per caption, and its agreement with
   DDIM 50 from that x_T (colour, shape and background read alike; PSNR against the DDIM-50 image).
-- inversion: DDIM-50 inversion at w = 1 of held-out renderings, then DDIM 50 from the x_T it finds; PSNR
-  against the autoencoder's reconstruction (the best any latent can do) and against the rendering.
-- img2img: each rendering with its caption's background colour changed, strengths 0.3 to 1.0: how often
-  shape and position stay and the background changes. Picture: DOCS/img2img_strength.png.
+- convergence: DDIM and DPM-Solver++ against DDIM 500 from the same x_T (latent RMS), w = 1 and the model's w.
+- timing: seconds per image of DDIM 50 / 25 and DPM-Solver++ 20 / 15 / 10, interleaved rounds, min / median / max.
+- inversion: DDIM inversion (50, 100, 200 steps) at w = 1 of held-out renderings, then DDIM from the x_T it
+  finds; PSNR against the autoencoder's reconstruction (the best any latent can do) and against the rendering.
+- img2img: each rendering with its caption's background colour changed, strengths 0.3 to 1.0 (`--strengths`,
+  `--edit-guidance`): how often shape and position stay and the background changes. Picture:
+  DOCS/img2img_strength.png.
 - inpainting: a square mask over the shape, the caption's shape colour changed: how often the probe reads
   the new colour, and the error outside the mask next to the autoencoder's own. Picture: DOCS/inpainting.png.
 - pictures: DOCS/solver_steps.png (samplers x steps) and DOCS/interpolation.png (slerp of x_T, linear text).
@@ -67,7 +70,16 @@ from ldm.pipeline_inputs import image_batch
 
 log = logging.getLogger("generation")
 
-SECTIONS = ("solvers", "inversion", "img2img", "inpainting", "pictures")
+SECTIONS = ("solvers", "timing", "convergence", "inversion", "img2img", "inpainting", "pictures")
+TIMING_ROWS = [
+    ("ddim", 50),
+    ("ddim", 25),
+    ("ddim", 10),
+    ("dpmpp_2m", 20),
+    ("dpmpp_2m", 15),
+    ("dpmpp_2m", 10),
+    ("dpmpp_2m", 8),
+]
 SOLVER_ROWS = ["ddim:10", "ddim:25", "ddim:50", "dpmpp_2m:8", "dpmpp_2m:10", "dpmpp_2m:15", "dpmpp_2m:20"]
 SOLVER_ROWS += ["dpmpp_2m_sde:15", "dpmpp_2m_sde:20", "euler_ancestral:20", "euler_ancestral:30"]
 REFERENCE = ("ddim", 50)  # what the solvers are compared with
@@ -234,38 +246,98 @@ def solvers(bench: Bench, count: int, rows: list[tuple[str, int]]) -> None:
     print("about two of them is noise. The last two columns compare images from the same x_T (paired).")
 
 
-def inversion(bench: Bench, count: int) -> None:
-    done = bench.results.rows("inversion", bench.settings(images=count, **DDIM_50))
-    if "psnr" not in done:
-        scenes, b = heldout_scenes(count, bench.resolution), bench.batch_size
-        original, captions = image_batch([s.image for s in scenes]), [s.caption for s in scenes]
-        invert = {"num_inference_steps": DDIM_50["num_inference_steps"], "guidance_scale": 1.0, "progress": False}
+def timing(bench: Bench, batch: int, repeats: int) -> None:
+    """Seconds per image of each row, `repeats` rounds with the rows interleaved (a slow moment of the shared
+    cores hits every row alike), and each row's time over DDIM 50's in the same round."""
+    prompts = FidelityPrompts.heldout(batch, bench.resolution, seed=SPLIT_SEED).captions
+    x_T = bench.noise(batch)
+
+    def seconds(sampler: str, steps: int) -> float:
+        began = time.perf_counter()
+        bench.pipe(prompts, sampler=sampler, num_inference_steps=steps, eta=eta_of(sampler), latents=x_T,
+                   output_type="np", progress=False)  # fmt: skip
+        return (time.perf_counter() - began) / batch
+
+    seconds("ddim", 2)  # warm-up
+    rounds = [{f"{s} {n}": seconds(s, n) for s, n in TIMING_ROWS} for _ in range(repeats)]
+    print(f"\n### Seconds per image: batch of {batch}, {repeats} interleaved rounds, the model's default w\n")
+    print("| sampler, steps | s / image, min / median / max | vs DDIM 50 in the same round, min / median / max |")
+    print("| --- | --- | --- |")
+    for label in rounds[0]:
+        times = sorted(r[label] for r in rounds)
+        ratios = sorted(r[label] / r["ddim 50"] for r in rounds)
+        spread = " / ".join(f"{t:.4f}" for t in (times[0], statistics.median(times), times[-1]))
+        ratio = " / ".join(f"{q:.2f}" for q in (ratios[0], statistics.median(ratios), ratios[-1]))
+        print(f"| {label} | {spread} | {ratio} |")
+
+
+def convergence(bench: Bench, count: int, steps_list: tuple[int, ...] = (8, 10, 15, 20, 50)) -> None:
+    """Each deterministic solver's distance to the ODE's solution, stood in for by DDIM 500 from the same x_T:
+    the RMS of the final latents' difference, without guidance and at the model's w."""
+    prompts = FidelityPrompts.heldout(count, bench.resolution, seed=SPLIT_SEED).captions
+    x_T = bench.noise(count)
+
+    def final(sampler: str, steps: int, w: float) -> torch.Tensor:
+        return bench.pipe(prompts, sampler=sampler, num_inference_steps=steps, guidance_scale=w, latents=x_T,
+                          eta=eta_of(sampler), output_type="latent", progress=False).images  # fmt: skip
+
+    print(f"\n### Distance to DDIM 500 (latent RMS), {count} held-out captions, the same x_T\n")
+    print("| w | steps | DDIM | DPM-Solver++(2M) | DPM-Solver++ / DDIM |")
+    print("| --- | --- | --- | --- | --- |")
+    for w in (1.0, bench.pipe.defaults.guidance_scale):
+        reference = final("ddim", 500, w)
+        for steps in steps_list:
+            ddim, dpm = ((final(s, steps, w) - reference).pow(2).mean().sqrt().item() for s in ("ddim", "dpmpp_2m"))
+            print(f"| {w:g} | {steps} | {ddim:.4f} | {dpm:.4f} | {dpm / ddim:.2f} |")
+
+
+def inversion(bench: Bench, count: int, steps_list: tuple[int, ...] = (50, 100, 200)) -> None:
+    done = bench.results.rows("inversion", bench.settings(images=count, steps=list(steps_list)))
+    scenes, b = heldout_scenes(count, bench.resolution), bench.batch_size
+    original, captions = image_batch([s.image for s in scenes]), [s.caption for s in scenes]
+    reconstructed = bench.reconstruct(original)
+    for steps in steps_list:
+        if f"{steps}" in done:
+            continue
+        invert = {"num_inference_steps": steps, "guidance_scale": 1.0, "progress": False}
         x_T = [bench.pipe.invert(original[i : i + b], captions[i : i + b], **invert) for i in range(0, count, b)]
-        run = bench.generate(captions, {"latents": torch.cat(x_T)}, guidance_scale=1.0, **DDIM_50)
-        regenerated, reconstructed = channels_first(run.images), bench.reconstruct(original)
-        pairs = {
-            "regenerated vs reconstruction": psnr(regenerated, reconstructed),
-            "regenerated vs rendering": psnr(regenerated, original),
-            "reconstruction vs rendering": psnr(reconstructed, original),
-        }
-        row = {k: {"mean": v.mean().item(), "min": v.min().item(), "max": v.max().item()} for k, v in pairs.items()}
-        bench.results.add("inversion", "psnr", row)
-    print(f"\n### DDIM inversion: {count} held-out renderings, DDIM 50 each way, w = 1; PSNR in dB\n")
-    print(table("images compared", list(done["psnr"].items()), [(k, k, ".2f") for k in ("mean", "min", "max")]))
-    print("\nGoal: >= 30 dB against the reconstruction (the autoencoder's own image of the rendering).")
+        ddim = {"sampler": "ddim", "eta": 0.0, "num_inference_steps": steps}
+        run = bench.generate(captions, {"latents": torch.cat(x_T)}, guidance_scale=1.0, **ddim)
+        regenerated = channels_first(run.images)
+        against_reconstruction = psnr(regenerated, reconstructed)
+        bench.results.add("inversion", f"{steps}", {
+            "mean": against_reconstruction.mean().item(),
+            "min": against_reconstruction.min().item(),
+            "at_least_30": percent((against_reconstruction >= 30).tolist()),
+            "vs_rendering": psnr(regenerated, original).mean().item(),
+        })  # fmt: skip
+    rendering = psnr(reconstructed, original)
+    print(f"\n### DDIM inversion: {count} held-out renderings, w = 1, DDIM each way; PSNR in dB\n")
+    columns = [
+        ("mean", "vs reconstruction, mean", ".2f"),
+        ("min", "min", ".2f"),
+        ("at_least_30", "share >= 30 dB", ".1f"),
+        ("vs_rendering", "vs the rendering, mean", ".2f"),
+    ]
+    print(table("steps each way", [(f"{n}", done[f"{n}"]) for n in steps_list], columns))
+    print(f"\nThe reconstruction itself is {rendering.mean().item():.2f} dB from the rendering (min "
+          f"{rendering.min().item():.2f}). Goal: >= 30 dB against the reconstruction.")  # fmt: skip
 
 
-def img2img(bench: Bench, count: int) -> None:
+def img2img(bench: Bench, count: int, strengths: list[float], guidance_scale: float | None) -> None:
+    w = bench.pipe.defaults.guidance_scale if guidance_scale is None else guidance_scale
     scenes = heldout_scenes(count, bench.resolution)
     backgrounds = [next_color(BACKGROUNDS, s.params["background"], avoid=s.params["color"]) for s in scenes]
     prompts = [edit_caption(s.caption, s.params, background=b) for s, b in zip(scenes, backgrounds, strict=True)]
-    done = bench.results.rows("img2img", bench.settings(scenes=count, seed=SEED, **DDIM_50))
+    section = "img2img" if w == bench.pipe.defaults.guidance_scale else f"img2img w={w:g}"
+    done = bench.results.rows(section, bench.settings(scenes=count, seed=SEED, guidance_scale=w, **DDIM_50))
     images = {"image": image_batch([s.image for s in scenes])}
-    for strength in STRENGTHS:
-        if f"{strength:g}" in done and bench.keep(f"img2img_{strength:g}") is not None:
+    for strength in strengths:
+        tile = f"img2img_w{w:g}_{strength:g}"
+        if f"{strength:g}" in done and bench.keep(tile) is not None:
             continue
-        run = bench.generate(prompts, images, strength=strength, **DDIM_50)
-        bench.keep(f"img2img_{strength:g}", run.images[:PICTURE_SCENES])
+        run = bench.generate(prompts, images, strength=strength, guidance_scale=w, **DDIM_50)
+        bench.keep(tile, run.images[:PICTURE_SCENES])
         readings = read(bench.probe, run.images)
         kept = {k: [r == s.params[k] for r, s in zip(readings[k], scenes, strict=True)] for k in ("shape", "position")}
         row = {
@@ -276,8 +348,8 @@ def img2img(bench: Bench, count: int) -> None:
             "unet_evals_per_image": run.unet_evals_per_image,
         }
         row["meets_goal"] = row["both"] >= 80 and row["background"] >= 90
-        bench.results.add("img2img", f"{strength:g}", row)
-    print(f"\n### img2img: {count} held-out renderings, caption with a new background colour, DDIM 50, default w\n")
+        bench.results.add(section, f"{strength:g}", row)
+    print(f"\n### img2img: {count} held-out renderings, caption with a new background colour, DDIM 50, w = {w:g}\n")
     columns = [
         ("shape", "shape unchanged", ".1f"),
         ("position", "position unchanged", ".1f"),
@@ -286,13 +358,13 @@ def img2img(bench: Bench, count: int) -> None:
         ("unet_evals_per_image", "U-Net evals / image", ".0f"),
         ("meets_goal", "meets the goal", ""),
     ]
-    print(table("strength", [(f"{s:g}", done[f"{s:g}"]) for s in STRENGTHS], columns))
-    meeting = ", ".join(f"{s:g}" for s in STRENGTHS if done[f"{s:g}"]["meets_goal"]) or "none"
+    print(table("strength", [(f"{s:g}", done[f"{s:g}"]) for s in strengths], columns))
+    meeting = ", ".join(f"{s:g}" for s in strengths if done[f"{s:g}"]["meets_goal"]) or "none"
     print(f"\nGoal: shape and position unchanged >= 80%, background changed >= 90%. Met at strength: {meeting}.")
-    outputs = [tiles(bench.keep(f"img2img_{s:g}")) for s in STRENGTHS]
+    outputs = [tiles(bench.keep(f"img2img_w{w:g}_{s:g}")) for s in strengths]
     grid = [t for i, s in enumerate(scenes[:PICTURE_SCENES]) for t in (s.image, *(o[i] for o in outputs))]
     path = bench.picture("img2img_strength", grid, rows=min(count, PICTURE_SCENES))
-    print(f"{path}: one row per scene; columns: the source, then strength {', '.join(f'{s:g}' for s in STRENGTHS)}.")
+    print(f"{path}: one row per scene; columns: the source, then strength {', '.join(f'{s:g}' for s in strengths)}.")
 
 
 def inpainting(bench: Bench, count: int, pad: int, resample: int) -> None:
@@ -307,11 +379,17 @@ def inpainting(bench: Bench, count: int, pad: int, resample: int) -> None:
         reconstructed = bench.reconstruct(original)
         bench.results.add("inpainting", "autoencoder reconstruction", masked_errors(reconstructed, original, masks, f))
     jumps_of = sorted({1, resample})
-    for jumps in jumps_of:
-        if f"ddim 50, resample {jumps}" in done and bench.keep(f"inpainting_{jumps}") is not None:
+    variants = [(jumps, True) for jumps in jumps_of] + [(resample, False)]  # and the decoder's own pixels
+    labels = {(j, paste): f"ddim 50, resample {j}" + ("" if paste else ", not pasted") for j, paste in variants}
+    for (jumps, paste), label in labels.items():
+        if label in done and (not paste or bench.keep(f"inpainting_{jumps}") is not None):
             continue
-        run = bench.generate(prompts, {"image": original, "mask_image": masks}, strength=1.0, resample=jumps, **DDIM_50)
-        bench.keep(f"inpainting_{jumps}", run.images[:PICTURE_SCENES])
+        run = bench.generate(
+            prompts, {"image": original, "mask_image": masks}, strength=1.0, resample=jumps, paste_unmasked=paste,
+            **DDIM_50,
+        )  # fmt: skip
+        if paste:
+            bench.keep(f"inpainting_{jumps}", run.images[:PICTURE_SCENES])
         readings = read(bench.probe, run.images)
         row = {
             "new_colour": share(readings["color"], colors),
@@ -319,7 +397,7 @@ def inpainting(bench: Bench, count: int, pad: int, resample: int) -> None:
             "unet_evals_per_image": run.unet_evals_per_image,
         }
         row |= masked_errors(channels_first(run.images), original, masks, f)
-        bench.results.add("inpainting", f"ddim 50, resample {jumps}", row)
+        bench.results.add("inpainting", label, row)
     print(f"\n### Inpainting: {count} held-out renderings, the shape's box (+{pad} px) repainted in a new colour\n")
     columns = [
         ("new_colour", "probe reads the new colour", ".1f"),
@@ -328,9 +406,11 @@ def inpainting(bench: Bench, count: int, pad: int, resample: int) -> None:
         ("outside", "MSE outside the mask", ".2e"),
         ("far", f"MSE >= {f} px from the mask", ".2e"),
     ]
-    labels = [f"ddim 50, resample {j}" for j in jumps_of] + ["autoencoder reconstruction"]
-    print(table("sampler", [(label, done[label]) for label in labels], columns))
+    rows = [*labels.values(), "autoencoder reconstruction"]
+    print(table("sampler", [(label, done[label]) for label in rows], columns))
     print("\nGoal: the probe reads the new colour; outside the mask, an error within the autoencoder's own.")
+    print("The pipeline pastes the input's pixels outside the mask by default (paste_unmasked), so its error")
+    print("there is 0; the 'not pasted' row is the decoder's own image of the kept latents.")
     repainted = [tiles(bench.keep(f"inpainting_{j}")) for j in jumps_of]
     mask_tiles = to_pil(masks[:PICTURE_SCENES] * 2 - 1)
     grid = [
@@ -421,9 +501,13 @@ def main() -> None:
     )
     parser.add_argument("--inversion-images", type=int, default=32)
     parser.add_argument("--edit-scenes", type=int, default=192, help="img2img and inpainting: held-out scenes")
+    parser.add_argument("--strengths", nargs="+", type=float, default=list(STRENGTHS), help="img2img: strengths")
+    parser.add_argument("--edit-guidance", type=float, default=None, help="img2img: w (default: the model's)")
+    parser.add_argument("--convergence-captions", type=int, default=16)
     parser.add_argument("--mask-pad", type=int, default=2, help="inpainting: pixels added around the shape's box")
     parser.add_argument("--resample", type=int, default=3, help="inpainting: RePaint jumps of the second row")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="timing: interleaved rounds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -437,8 +521,10 @@ def main() -> None:
     )
     runners = {
         "solvers": lambda: solvers(bench, args.captions, args.rows),
+        "timing": lambda: timing(bench, args.batch_size, args.repeats),
         "inversion": lambda: inversion(bench, args.inversion_images),
-        "img2img": lambda: img2img(bench, args.edit_scenes),
+        "img2img": lambda: img2img(bench, args.edit_scenes, args.strengths, args.edit_guidance),
+        "convergence": lambda: convergence(bench, args.convergence_captions),
         "inpainting": lambda: inpainting(bench, args.edit_scenes, args.mask_pad, args.resample),
         "pictures": lambda: pictures(bench),
     }

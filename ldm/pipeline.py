@@ -39,7 +39,7 @@ from ldm.diffusion import (
     Inpainting,
     classifier_free_guidance,
     ddim_invert,
-    sampling_chain,
+    sdedit_start,
 )
 from ldm.diffusion.samplers import SampleOutput, StepCallback
 from ldm.diffusion.thresholding import Threshold
@@ -246,6 +246,7 @@ class LatentDiffusionPipeline:
         strength: float | None = None,
         mask_image: Any = None,
         resample: int = 1,
+        paste_unmasked: bool = True,
         callback: StepCallback | None = None,
     ) -> PipelineOutput:
         """Generate `num_images_per_prompt` images per prompt (or per row of `prompt_embeds`).
@@ -261,7 +262,8 @@ class LatentDiffusionPipeline:
         Image-to-image: `image` (PIL image(s), arrays or a (B, 3, H, W) tensor in [0, 1]) and `strength` in
         (0, 1] (default 0.8): of n steps the last int(n strength) are run, from the image's latents noised to
         the first of them. Inpainting: also `mask_image` (white / 1 = repaint; default strength 1), the known
-        region reset at every step, each step redone `resample` times (RePaint's jumps).
+        region reset at every step, each step redone `resample` times (RePaint's jumps); with `paste_unmasked`
+        the decoded image takes the input's pixels outside the mask (`output_type="latent"` is not pasted).
         `callback(step_index, timestep, latents, pred_x0)` runs after every step.
         Invalid arguments raise ValueError naming the argument, before any sampling work.
         """
@@ -276,7 +278,9 @@ class LatentDiffusionPipeline:
         pixels = image_batch(image) if image is not None else None
         if pixels is not None:
             s = sized_like(s, self.geometry, pixels, height, width)
-        strength = editing_strength(pixels is not None, strength, mask_image, resample, s.num_inference_steps)
+        strength = editing_strength(
+            pixels is not None, strength, mask_image, resample, paste_unmasked, s.num_inference_steps
+        )
         # Our stochastic samplers and RePaint draw step noise on the device; a diffusers scheduler's
         # randn_tensor draws where the generator is and moves it.
         needs_step_noise = scheduler is None and (s.stochastic or mask_image is not None)
@@ -292,12 +296,12 @@ class LatentDiffusionPipeline:
             x_T = check_latents(latents, shape).to(self.device, self.dtype)
         else:
             x_T = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # init_noise_sigma = 1
-        init = mask = None
+        init = mask = pixel_mask = None
         if pixels is not None:
             init = match_batch(self.encode_image(pixels), shape[0], num_images_per_prompt, "image")
         if mask_image is not None:
-            mask = mask_batch(mask_image, (s.height, s.width)).to(self.device, self.dtype)
-            mask = match_batch(latent_mask(mask, f), shape[0], num_images_per_prompt, "mask_image")
+            pixel_mask = mask_batch(mask_image, (s.height, s.width)).to(self.device, self.dtype)
+            mask = match_batch(latent_mask(pixel_mask, f), shape[0], num_images_per_prompt, "mask_image")
 
         model = classifier_free_guidance(
             self._unet_fn, s.guidance_scale, {"encoder_hidden_states": uncond}, guidance_rescale
@@ -324,6 +328,14 @@ class LatentDiffusionPipeline:
         if output_type == "latent":
             return PipelineOutput(result.sample, result.trajectory, trajectory_x0)
         images = self.decode(result.sample)
+        if pixel_mask is not None and paste_unmasked:
+            # The decoder's GroupNorm and attention see the whole latent, so a repainted region moves every
+            # pixel a little; the image's own pixels outside the mask are the faithful ones.
+            keep = match_batch(1 - (pixel_mask >= 0.5).to(images.dtype), shape[0], num_images_per_prompt, "mask_image")
+            original = match_batch(
+                pixels.to(images.device, images.dtype) * 2 - 1, shape[0], num_images_per_prompt, "image"
+            )
+            images = torch.lerp(images, original, keep)
         out = to_pil(images) if output_type == "pil" else to_numpy(images)
         return PipelineOutput(out, result.trajectory, trajectory_x0)
 
@@ -353,10 +365,7 @@ class LatentDiffusionPipeline:
         }
         start_step = 0
         if init is not None:
-            start_step = s.num_inference_steps - int(s.num_inference_steps * strength)
-            chain = sampling_chain(self.diffusion, **chain_kwargs)
-            first = torch.full((x_T.shape[0],), chain.num_timesteps - 1 - start_step, device=x_T.device)
-            x_T = chain.to(x_T.device).q_sample(init.to(x_T.dtype), first, noise=x_T)
+            x_T, start_step = sdedit_start(self.diffusion, init, x_T, strength, **chain_kwargs)
         return SAMPLER_FUNCTIONS[s.sampler](
             model, self.diffusion, x_T, **chain_kwargs, **({"eta": s.eta} if s.sampler == "ddim" else {}),
             model_kwargs={"encoder_hidden_states": cond}, threshold=threshold, start_step=start_step,

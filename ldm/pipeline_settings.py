@@ -132,8 +132,12 @@ def sized_like(
     return replace(s, height=image_height, width=image_width)
 
 
-def editing_strength(has_image: bool, strength: object, mask_image: object, resample: object, steps: int) -> float:
+def editing_strength(
+    has_image: bool, strength: object, mask_image: object, resample: object, paste_unmasked: object, steps: int
+) -> float:
     """The image-to-image strength to use (its default when None); errors for editing options without an image."""
+    if not isinstance(paste_unmasked, bool):
+        raise ValueError(f"paste_unmasked: must be True or False, got {paste_unmasked!r}")
     if not has_image:
         for name, value, unset in (("strength", strength, None), ("mask_image", mask_image, None),
                                    ("resample", resample, 1)):  # fmt: skip

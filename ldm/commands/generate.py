@@ -124,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="with --mask: RePaint's resampling passes per step (default: 1, none)",
     )
+    parser.add_argument(
+        "--no-paste",
+        dest="paste_unmasked",
+        action="store_false",
+        help="with --mask: keep the decoder's pixels outside the mask instead of the input image's",
+    )
     add_device_argument(parser)
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--trajectory", action="store_true", help="also write the x_T -> x_0 strip per prompt")
@@ -192,6 +198,8 @@ def check_options(args: argparse.Namespace) -> None:
             raise CommandError(f"{flag}: needs --init-image (the image to start from)")
     if args.resample is not None and args.mask is None:
         raise CommandError("--resample: needs --mask (it resamples the repainted region)")
+    if not args.paste_unmasked and args.mask is None:
+        raise CommandError("--no-paste: needs --mask (it is about the pixels outside the mask)")
     if args.threshold_max is not None and args.dynamic_threshold is None:
         raise CommandError("--threshold-max: needs --dynamic-threshold (it bounds the dynamic threshold)")
     if args.static_threshold is not None and not args.static_threshold > 0:
@@ -221,6 +229,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         extra["image"] = open_image(args.init_image, "--init-image", "RGB")
     if args.mask is not None:
         extra["mask_image"] = open_image(args.mask, "--mask", "L")
+        extra["paste_unmasked"] = args.paste_unmasked
     extra |= {name: getattr(args, name) for name in ("strength", "resample") if getattr(args, name) is not None}
     if args.init_image is not None:
         # The pipeline sizes the call by the image; the model's default size would contradict it.
@@ -324,7 +333,7 @@ def generate_images(
     prompt; returns the paths written. `extra` holds more pipeline keyword arguments, which override the ones
     built here (e.g. prompt=None with prompt_embeds); the pipeline's ValueErrors become CommandErrors."""
     from ldm.commands import CommandError
-    from ldm.images import evenly_spaced, image_grid, to_pil
+    from ldm.images import evenly_spaced, image_grid
 
     extra = extra or {}
     step_noise = settings.stochastic or "mask_image" in extra  # inpainting noises the kept region at every step
@@ -333,7 +342,7 @@ def generate_images(
         "negative_prompt": negative_prompt,
         "num_images_per_prompt": num_images_per_prompt,
         "generator": sampling_generator(pipe, seed, step_noise),
-        "output_type": "latent",
+        "output_type": "pil",  # the pipeline decodes (and pastes an inpainted image's unmasked pixels)
         "return_trajectory": trajectory,
         **vars(settings),
         **extra,
@@ -342,7 +351,7 @@ def generate_images(
         result = pipe(**arguments)
     except ValueError as err:  # an invalid argument (named by the message) is the user's to fix
         raise CommandError(str(err)) from err
-    images = to_pil(pipe.decode(result.images))
+    images = result.images
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):

@@ -28,6 +28,7 @@ from ldm.diffusion.schedules import (
     rescale_zero_terminal_snr,
     spaced_timesteps,
 )
+from ldm.diffusion.sdedit import sdedit_start
 from ldm.diffusion.thresholding import DynamicThreshold, StaticThreshold
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS, logit_normal_probabilities, sample_timesteps
 from ldm.diffusion.vlb import BoundTerms, bits_per_dim, prior_bpd, vlb_terms_bpd
@@ -79,6 +80,7 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_timesteps",
     "sampling_chain",
+    "sdedit_start",
     "slerp",
     "spaced_timesteps",
     "training_losses",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion import SAMPLERS, GaussianDiffusion, Inpainting, sample_ddim, sampling_chain, slerp
+from ldm.diffusion import SAMPLERS, GaussianDiffusion, Inpainting, sample_ddim, sampling_chain, sdedit_start, slerp
 from tests.diffusion.test_against_diffusers import SHAPE, standin_model, x_T
 
 DIFFUSION = GaussianDiffusion.from_schedule("scaled_linear", 1000, prediction="v", zero_terminal_snr=True)
@@ -124,3 +124,16 @@ def test_slerp_of_parallel_vectors_is_linear_and_finite():
     torch.testing.assert_close(slerp(a, 2 * a, 0.25), 1.25 * a)
     with pytest.raises(ValueError, match="weight must be in"):
         slerp(a, a, 1.5)
+
+
+def test_sdedit_noises_the_image_to_the_first_step_it_runs():
+    x0, noise = torch.full(SHAPE, 0.5), x_T()
+    start, start_step = sdedit_start(DIFFUSION, x0, noise, 0.6, STEPS, "trailing")
+    assert start_step == 4  # of 10 steps, the last 6 run
+    chain = sampling_chain(DIFFUSION, STEPS, "trailing")
+    abar = chain.coef.alphas_cumprod[5].item()  # the level of the first step run: chain index 10 - 1 - 4
+    torch.testing.assert_close(start, math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise)
+    full, start_step = sdedit_start(DIFFUSION, x0, noise, 1.0, STEPS, "trailing")
+    assert start_step == 0 and torch.equal(full, noise)  # alphabar_T = 0: the image is gone
+    with pytest.raises(ValueError, match="runs 0 steps"):
+        sdedit_start(DIFFUSION, x0, noise, 0.05, STEPS, "trailing")

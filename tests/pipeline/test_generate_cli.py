@@ -122,15 +122,15 @@ def test_prompts_that_look_like_paths_write_only_inside_the_output_folder(model_
 
 @pytest.fixture
 def recorded_calls(monkeypatch):
-    """LatentDiffusionPipeline.__call__ replaced by one that records its keyword arguments and returns zero
-    latents of the batch's size, so a test sees exactly what the command passes."""
+    """LatentDiffusionPipeline.__call__ replaced by one that records its keyword arguments and returns black
+    images of the batch's size, so a test sees exactly what the command passes."""
     calls = []
 
     def record(self, **kwargs):
         calls.append(kwargs)
         prompts = kwargs["prompt"] if kwargs["prompt"] is not None else kwargs["prompt_embeds"]
         batch = len(prompts) * kwargs["num_images_per_prompt"]
-        return PipelineOutput(torch.zeros(batch, LATENT_CHANNELS, IMAGE_SIZE // 2, IMAGE_SIZE // 2))
+        return PipelineOutput([Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))] * batch)
 
     monkeypatch.setattr(LatentDiffusionPipeline, "__call__", record)
     return calls

@@ -226,3 +226,29 @@ def test_prompt_and_prompt_embeds_together_are_refused(pipe):
         pipe(PROMPTS, prompt_embeds=cond)
     with pytest.raises(ValueError, match=r"^prompt: give a prompt"):
         pipe()
+
+
+def test_inpainting_pastes_the_input_pixels_outside_the_mask_unless_asked_not_to(v_pipe):
+    """The decoder's GroupNorm and attention move every pixel when any latent changes; the pasted output keeps
+    the input's pixels outside the mask exactly, the unpasted one is the decoder's."""
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    mask[4:12, 4:12] = 255
+    source = np.asarray(square_image()).astype(np.float32) / 255
+    outside = mask == 0
+
+    def inpaint(paste: bool) -> np.ndarray:
+        return v_pipe(
+            PROMPTS[0], image=square_image(), mask_image=Image.fromarray(mask), num_inference_steps=5,
+            generator=seed(), output_type="np", progress=False, paste_unmasked=paste,
+        ).images[0]  # fmt: skip
+
+    pasted, decoded = inpaint(True), inpaint(False)
+    np.testing.assert_allclose(pasted[outside], source[outside], atol=1e-6)
+    np.testing.assert_allclose(pasted[~outside], decoded[~outside], atol=1e-6)
+    assert np.abs(decoded[outside] - source[outside]).max() > 1e-3
+
+
+def test_given_latents_set_the_image_size(pipe):
+    x_T = torch.randn(1, 4, 12, 10, generator=seed())  # the model's default is 8 x 8
+    image = pipe("a red circle", latents=x_T, num_inference_steps=2, output_type="np", progress=False).images[0]
+    assert image.shape == (24, 20, 3)
