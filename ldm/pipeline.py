@@ -93,7 +93,7 @@ class LatentDiffusionPipeline:
 
     Sampling: z_T ~ N(0, I) of shape (B, C, height / f, width / f) with f the VAE's downsampling factor;
     each step evaluates eps~ = eps_u + w (eps_c - eps_u) in one batched U-Net pass over [uncond; cond]
-    (a single conditional pass when w = 1) and applies a DDIM or ancestral DDPM update; finally
+    (a single conditional pass when w = 1) and applies the chosen sampler's update; finally
     x = D(z_0 / scaling_factor) and images are (x / 2 + 0.5) clamped to [0, 1].
     """
 
