@@ -18,7 +18,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, parallel: float = 0.9
         raise ValueError(f"slerp: a has shape {tuple(a.shape)} but b has {tuple(b.shape)}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"slerp: weight must be in [0, 1], got {weight}")
-    flat_a, flat_b = rearrange(a.double(), "b ... -> b (...)"), rearrange(b.double(), "b ... -> b (...)")
+    precision = torch.float64 if a.dtype == torch.float64 else torch.float32  # MPS has no float64
+    a_, b_ = a.to(precision), b.to(precision)
+    flat_a, flat_b = rearrange(a_, "b ... -> b (...)"), rearrange(b_, "b ... -> b (...)")
     cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1))
     theta = cos.clamp(-1, 1).arccos()
     sin = theta.sin()
@@ -27,4 +29,4 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, parallel: float = 0.9
     coef_a = torch.where(linear, torch.full_like(cos, 1 - weight), spherical_a)
     coef_b = torch.where(linear, torch.full_like(cos, weight), spherical_b)
     shape = (a.shape[0], *([1] * (a.ndim - 1)))
-    return (coef_a.reshape(shape) * a.double() + coef_b.reshape(shape) * b.double()).to(a.dtype)
+    return (coef_a.reshape(shape) * a_ + coef_b.reshape(shape) * b_).to(a.dtype)

@@ -137,3 +137,12 @@ def test_sdedit_noises_the_image_to_the_first_step_it_runs():
     assert start_step == 0 and torch.equal(full, noise)  # alphabar_T = 0: the image is gone
     with pytest.raises(ValueError, match="runs 0 steps"):
         sdedit_start(DIFFUSION, x0, noise, 0.05, STEPS, "trailing")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slerp_keeps_half_precision_and_matches_float32(dtype):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    half = slerp(a.to(dtype), b.to(dtype), 0.3)
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), slerp(a, b, 0.3), rtol=0.02, atol=0.02)
