@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ldm.diffusion import DIFFUSERS_SCHEDULE_NAMES, GaussianDiffusion
+from ldm.diffusion import DIFFUSERS_SCHEDULE_NAMES, DynamicThreshold, GaussianDiffusion, StaticThreshold
+from ldm.diffusion.schedules import SPACINGS
 
 # Our prediction names and diffusers' `prediction_type` values.
 DIFFUSERS_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -34,6 +35,13 @@ class NoiseScheduleConfig:
     zero_terminal_snr: bool = False  # rescale so alphabar_T = 0 (needs v or x0 prediction)
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
     steps_offset: int = 1
+    # How a downloaded folder's scheduler says to sample (diffusers' keys; DDIM honours set_alpha_to_one):
+    set_alpha_to_one: bool = True  # DDIM's last step lands on alphabar = 1; false: on alphabar_0 (SD 1.x / 2.x)
+    clip_sample: bool = False  # clamp the predicted x0 to +-clip_sample_range
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # Imagen's dynamic thresholding of the predicted x0 (before clip_sample)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_train_timesteps < 2:
@@ -46,6 +54,10 @@ class NoiseScheduleConfig:
             raise ValueError("zero_terminal_snr: needs prediction 'v' or 'x0'; eps cannot recover x0 at SNR 0")
         if not 0 <= self.steps_offset < self.num_train_timesteps:
             raise ValueError(f"steps_offset: must be in [0, {self.num_train_timesteps}), got {self.steps_offset}")
+        if self.clip_sample_range <= 0 or self.sample_max_value <= 0:
+            raise ValueError("clip_sample_range, sample_max_value: must be > 0")
+        if not 0 < self.dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio: must be in (0, 1], got {self.dynamic_thresholding_ratio}")
 
     def build(self) -> GaussianDiffusion:
         """The `GaussianDiffusion` these settings describe."""
@@ -58,6 +70,20 @@ class NoiseScheduleConfig:
             beta_start=self.beta_start,
             beta_end=self.beta_end,
         )
+
+    def final_alphabar(self, diffusion: GaussianDiffusion) -> float:
+        """Where DDIM's last step lands: 1, or alphabar_0 of `diffusion` (this config's process) when
+        set_alpha_to_one is false, as diffusers' DDIMScheduler reads the same config."""
+        return 1.0 if self.set_alpha_to_one else float(diffusion.coef.alphas_cumprod[0])
+
+    def threshold(self) -> DynamicThreshold | StaticThreshold | None:
+        """The clipping of the predicted x0 the config asks for: dynamic thresholding first, as diffusers
+        checks it first, then clip_sample; None when neither."""
+        if self.thresholding:
+            return DynamicThreshold(self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            return StaticThreshold(self.clip_sample_range)
+        return None
 
     @property
     def output_channels_factor(self) -> int:
@@ -77,9 +103,12 @@ class NoiseScheduleConfig:
             "rescale_betas_zero_snr": self.zero_terminal_snr,
             "timestep_spacing": self.timestep_spacing,
             "steps_offset": self.steps_offset,
-            "clip_sample": False,
-            "set_alpha_to_one": True,
-            "thresholding": False,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
+            "thresholding": self.thresholding,
+            "dynamic_thresholding_ratio": self.dynamic_thresholding_ratio,
+            "sample_max_value": self.sample_max_value,
         }
 
     @classmethod
@@ -95,6 +124,9 @@ class NoiseScheduleConfig:
             raise ValueError(f"{source}: prediction_type {prediction!r} is not one of {sorted(predictions)}")
         if config.get("trained_betas") is not None:
             raise ValueError(f"{source}: trained_betas (an explicit beta array) is not supported")
+        spacing = config.get("timestep_spacing", "leading")
+        if spacing not in SPACINGS:
+            raise ValueError(f"{source}: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
         variance = config.get("variance_type") or "fixed_small"
         if variance not in ("fixed_small", "fixed_large", "learned_range"):
             raise ValueError(f"{source}: variance_type {variance!r} is not fixed_small, fixed_large or learned_range")
@@ -106,6 +138,12 @@ class NoiseScheduleConfig:
             prediction=predictions[prediction],
             variance=variance,
             zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
-            timestep_spacing=config.get("timestep_spacing", "leading"),
+            timestep_spacing=spacing,
             steps_offset=int(config.get("steps_offset", 0)),
+            set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
+            clip_sample=bool(config.get("clip_sample", False)),
+            clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+            thresholding=bool(config.get("thresholding", False)),
+            dynamic_thresholding_ratio=float(config.get("dynamic_thresholding_ratio", 0.995)),
+            sample_max_value=float(config.get("sample_max_value", 1.0)),
         )

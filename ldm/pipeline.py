@@ -11,7 +11,10 @@ with one of `ldm.diffusion.SAMPLERS` (or any diffusers scheduler object) on the 
 z_0 / scaling_factor with the VAE. Image-to-image noises the image's latents to the step `strength` names
 and samples from there (SDEdit); inpainting also resets the unmasked region at every step (RePaint).
 
-The folder is a Stable Diffusion pipeline folder (see `ldm.model_folder`), so
+A downloaded Stable Diffusion folder's scheduler config is read whole: `set_alpha_to_one` (where DDIM's last
+step lands), `clip_sample` / `thresholding` (the default clipping of x0), spacing, offset, zero-SNR rescaling
+and prediction type; its DDIM draws what diffusers' DDIMScheduler draws from that config (tests/pipeline/
+test_sd_folders.py). The folder is a Stable Diffusion pipeline folder (see `ldm.model_folder`), so
 `diffusers.StableDiffusionPipeline.from_pretrained` loads it too and, with the same scheduler, steps, guidance
 scale and seed, draws the same images (float32 CPU: to ~1e-6 of the latents' scale). Two
 deliberate differences from diffusers: guidance 0 <= w < 1 is applied as written (w = 0 samples the
@@ -256,7 +259,8 @@ class LatentDiffusionPipeline:
         config) stepped as diffusers steps it. None for guidance_scale, num_inference_steps, sampler, eta or
         karras_sigmas means the folder's `SamplingDefaults`; None for height / width means the U-Net's size (or
         the init image's). `guidance_rescale` is Lin et al.'s phi; `threshold` clips the predicted x0 (our
-        samplers; a diffusers scheduler thresholds by its own config).
+        samplers; None: what the folder's scheduler config asks for, `clip_sample` / `thresholding`; a diffusers
+        scheduler thresholds by its own config).
         `latents` is x_T (B, C, h, w) with B = prompts x num_images_per_prompt (its h, w set the image size
         when height / width are None); with `image` it is the noise the image's latents are noised with.
         Image-to-image: `image` (PIL image(s), arrays or a (B, 3, H, W) tensor in [0, 1]) and `strength` in
@@ -366,9 +370,12 @@ class LatentDiffusionPipeline:
         start_step = 0
         if init is not None:
             x_T, start_step = sdedit_start(self.diffusion, init, x_T, strength, **chain_kwargs)
+        # DDIM alone reads the folder's set_alpha_to_one, as diffusers' DDIMScheduler does.
+        ddim_only = {"eta": s.eta, "final_alphabar": schedule.final_alphabar(self.diffusion)}
         return SAMPLER_FUNCTIONS[s.sampler](
-            model, self.diffusion, x_T, **chain_kwargs, **({"eta": s.eta} if s.sampler == "ddim" else {}),
-            model_kwargs={"encoder_hidden_states": cond}, threshold=threshold, start_step=start_step,
+            model, self.diffusion, x_T, **chain_kwargs, **(ddim_only if s.sampler == "ddim" else {}),
+            model_kwargs={"encoder_hidden_states": cond}, threshold=threshold or schedule.threshold(),
+            start_step=start_step,
             inpaint=Inpainting(init, mask, resample) if mask is not None else None, generator=generator,
             return_trajectory=return_trajectory, callback=on_step, progress=progress,
         )  # fmt: skip
@@ -422,6 +429,7 @@ class LatentDiffusionPipeline:
         return ddim_invert(
             model, self.diffusion, z0, num_steps=s.num_inference_steps, spacing=schedule.timestep_spacing,
             steps_offset=schedule.steps_offset, model_kwargs={"encoder_hidden_states": cond}, progress=progress,
+            final_alphabar=schedule.final_alphabar(self.diffusion),
         ).sample  # fmt: skip
 
     @torch.inference_mode()

@@ -79,10 +79,10 @@ class _OnDevice(NamedTuple):
     timesteps: torch.Tensor  # (T,) int64: the timestep value the network sees at each index
 
 
-def _coefficients(betas: np.ndarray) -> _Coefficients:
+def _coefficients(betas: np.ndarray, final_alphabar: float = 1.0) -> _Coefficients:
     alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
-    abar_prev = np.append(1.0, abar[:-1])
+    abar = final_alphabar * np.cumprod(alphas)
+    abar_prev = np.append(final_alphabar, abar[:-1])
     posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
     # beta~_0 = 0, so its log is clipped to the value at t = 1 (the variance is only used for t >= 1).
     first_nonzero = posterior_variance[1] if len(betas) > 1 else betas[0]
@@ -92,7 +92,7 @@ def _coefficients(betas: np.ndarray) -> _Coefficients:
         log_one_minus_abar = np.log(1.0 - abar)
     arrays = {
         "betas": betas,
-        "log_betas": np.log(betas),
+        "log_betas": np.log(np.maximum(betas, np.finfo(np.float64).tiny)),  # beta_0 = 0: see `at_levels`
         "alphas_cumprod": abar,
         "one_minus_alphas_cumprod": 1.0 - abar,
         "alphas_cumprod_prev": abar_prev,
@@ -123,19 +123,23 @@ class GaussianDiffusion:
         prediction: Prediction | str = Prediction.EPS,
         variance: Variance | str = Variance.FIXED_SMALL,
         timesteps: np.ndarray | None = None,
+        final_alphabar: float = 1.0,
     ) -> None:
         betas = np.asarray(betas.cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("betas must lie in (0, 1]")
+        if not ((betas[1:] > 0).all() and betas[0] >= 0 and (betas <= 1).all()):
+            raise ValueError("betas must lie in (0, 1] (beta_0 in [0, 1])")
+        if not 0 < final_alphabar <= 1:
+            raise ValueError(f"final_alphabar must lie in (0, 1], got {final_alphabar}")
         self.prediction = Prediction(prediction)
         self.variance = Variance(variance)
         self.num_timesteps = len(betas)
         self.timesteps = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
         if self.timesteps.shape != betas.shape:
             raise ValueError("timesteps must have one entry per beta")
-        self.coef = _coefficients(betas)
+        self.final_alphabar = float(final_alphabar)
+        self.coef = _coefficients(betas, self.final_alphabar)
         self._on_device = {self.coef.betas.device: _OnDevice(self.coef, torch.from_numpy(self.timesteps))}
 
     @classmethod
@@ -156,7 +160,7 @@ class GaussianDiffusion:
         betas = make_beta_schedule(schedule, num_timesteps, beta_start, beta_end, zero_terminal_snr=zero_terminal_snr)
         return cls(betas, prediction, variance)
 
-    def respaced(self, timesteps: np.ndarray | list[int]) -> GaussianDiffusion:
+    def respaced(self, timesteps: np.ndarray | list[int], final_alphabar: float = 1.0) -> GaussianDiffusion:
         """The process that visits only `timesteps` (a subset of this one's), as improved-diffusion respaces.
 
         Its alphabar values are this chain's at those timesteps, so each step's beta is
@@ -165,20 +169,24 @@ class GaussianDiffusion:
         keep = np.unique(np.asarray(timesteps, dtype=np.int64))  # ascending
         if keep[0] < 0 or keep[-1] >= self.num_timesteps:
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}), got {keep[0]}..{keep[-1]}")
-        return self.at_levels(self.coef.alphas_cumprod.numpy()[keep], self.timesteps[keep])
+        return self.at_levels(self.coef.alphas_cumprod.numpy()[keep], self.timesteps[keep], final_alphabar)
 
-    def at_levels(self, alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> GaussianDiffusion:
+    def at_levels(
+        self, alphas_cumprod: np.ndarray, timesteps: np.ndarray, final_alphabar: float = 1.0
+    ) -> GaussianDiffusion:
         """The process whose index i has noise level `alphas_cumprod[i]` (ascending noise) and whose network
         is told `timesteps[i]`: beta_i = 1 - alphabar_i / alphabar_{i-1}, with alphabar_{-1} = 1.
 
         `respaced` is the case of levels taken from this chain; Karras sigmas are levels between its timesteps,
-        each told to the network as the nearest one.
+        each told to the network as the nearest one. The last reverse step lands on `final_alphabar`: 1, or
+        Stable Diffusion's alphabar_0 (`set_alpha_to_one: false`), where a chain that visits t = 0 takes a last
+        step of beta 0 (DDIM then returns x as it is, as diffusers does).
         """
         abar = np.asarray(alphas_cumprod, dtype=np.float64)
         if abar.ndim != 1 or len(abar) == 0 or not (np.diff(abar) < 0).all():
             raise ValueError("alphas_cumprod must be a non-empty, strictly decreasing 1-D array")
-        betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(betas, self.prediction, self.variance, timesteps=timesteps)
+        betas = 1.0 - abar / np.append(final_alphabar, abar[:-1])
+        return GaussianDiffusion(betas, self.prediction, self.variance, timesteps, final_alphabar)
 
     # ---- the arrays on a device ----------------------------------------------------------------------
 

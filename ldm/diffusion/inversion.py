@@ -24,6 +24,7 @@ def ddim_invert(
     return_trajectory: bool = False,
     callback: StepCallback | None = None,
     progress: bool = True,
+    final_alphabar: float = 1.0,
 ) -> SampleOutput:
     """The x_T from which `sample_ddim` (eta = 0, same steps and spacing) returns about x0; `.sample` is x_T.
 
@@ -32,12 +33,13 @@ def ddim_invert(
     at x's own level and the model told timestep t_i, the one it steps to (as diffusers' DDIMInverseScheduler
     does). That evaluation stands in for the one DDIM makes at x' itself, which is what makes inversion
     approximate; with more steps the two draw closer. eps and v prediction (an x0-predicting model gives no
-    noise direction at the clean level).
+    noise direction at the clean level). x0 is taken to be at the level `final_alphabar` (as `sample_ddim`'s
+    last step leaves it).
     """
     if diffusion.prediction is Prediction.X0:
         raise ValueError("ddim_invert: needs an eps or v prediction model; x0 prediction has no eps at the clean level")
     model_kwargs = model_kwargs or {}
-    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset).to(x0.device)
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, final_alphabar=final_alphabar).to(x0.device)
     indices = torch.arange(chain.num_timesteps, device=x0.device).unsqueeze(1).repeat(1, x0.shape[0])  # (n, B)
     model_timesteps = chain.model_timesteps(indices)
     c = chain.coefficients(x0.device)

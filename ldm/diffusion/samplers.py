@@ -68,12 +68,13 @@ def ddim_step(
     """One DDIM step (Song et al. 2020, eq. 12). Returns (x_prev, pred_x0):
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev).
-    A learned variance in the output is ignored; eps is re-derived from x0 after thresholding."""
+    A learned variance in the output is ignored. A threshold clips x0 and leaves eps the model's, as diffusers'
+    DDIMScheduler does (improved-diffusion re-derives eps from the clipped x0; diffusers calls that
+    `use_clipped_model_output`), so a folder that asks for clipping samples as diffusers samples it."""
     prediction, _ = diffusion.split_output(model_output)
     pred_x0, pred_eps = diffusion.predict_x0_eps(prediction, x_t, t)
     if threshold is not None:
         pred_x0 = threshold(pred_x0)
-        pred_eps = diffusion.eps_from_x0(x_t, t, pred_x0)
     x0_coef, eps_coef, sigma = ddim_coefficients(diffusion, t, eta, x_t)
     x_prev = x0_coef * pred_x0 + eps_coef * pred_eps
     if eta > 0:
@@ -106,20 +107,22 @@ def sampling_chain(
     spacing: str = "leading",
     steps_offset: int = 0,
     karras_sigmas: bool = False,
+    final_alphabar: float = 1.0,
 ) -> GaussianDiffusion:
     """The process a sampler walks: the full chain, its respacing to `num_steps` timesteps, or with `karras_sigmas`
     the `num_steps` Karras et al. noise levels between the chain's smallest and largest sigma (each told to the
     network as the timestep of its sigma, interpolated in log sigma and rounded, as diffusers does; `spacing`
-    then plays no part)."""
+    then plays no part). Its last step lands on `final_alphabar` (see `GaussianDiffusion.at_levels`)."""
     if karras_sigmas:
-        return _karras_chain(diffusion, diffusion.num_timesteps if num_steps is None else num_steps)
-    if num_steps is None or (num_steps == diffusion.num_timesteps and steps_offset == 0):
+        return _karras_chain(diffusion, diffusion.num_timesteps if num_steps is None else num_steps, final_alphabar)
+    num_steps = diffusion.num_timesteps if num_steps is None else num_steps
+    if num_steps == diffusion.num_timesteps and steps_offset == 0 and final_alphabar == diffusion.final_alphabar:
         return diffusion
     timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps, spacing, steps_offset)
-    return diffusion.respaced(timesteps)
+    return diffusion.respaced(timesteps, final_alphabar)
 
 
-def _karras_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffusion:
+def _karras_chain(diffusion: GaussianDiffusion, num_steps: int, final_alphabar: float) -> GaussianDiffusion:
     abar = diffusion.coef.alphas_cumprod.numpy()
     if abar[-1] == 0:
         raise ValueError(
@@ -129,7 +132,7 @@ def _karras_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffu
     log_sigmas = 0.5 * (np.log1p(-abar) - np.log(abar))  # ascending in t
     sigmas = karras_noise_levels(float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1])), num_steps)[::-1]
     timesteps = np.interp(np.log(sigmas), log_sigmas, np.arange(len(abar))).round().astype(np.int64)
-    return diffusion.at_levels(1.0 / (1.0 + sigmas**2), timesteps)
+    return diffusion.at_levels(1.0 / (1.0 + sigmas**2), timesteps, final_alphabar)
 
 
 @torch.no_grad()
@@ -184,11 +187,13 @@ def sample_ddim(
     callback: StepCallback | None = None,
     progress: bool = True,
     name: str = "DDIM",
+    final_alphabar: float = 1.0,
 ) -> SampleOutput:
-    """DDIM sampling over `num_steps` spaced timesteps; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    """DDIM sampling over `num_steps` spaced timesteps; eta = 0 is deterministic, eta = 1 is DDPM-like. The last
+    step lands on `final_alphabar`: 1 (x0 itself), or alphabar_0 for a scheduler config's `set_alpha_to_one: false`."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas)
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas, final_alphabar)
 
     def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         noise = _randn_like(x, generator) if eta > 0 else None

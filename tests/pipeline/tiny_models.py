@@ -6,6 +6,7 @@ Reusable from other test folders: `from tests.pipeline.tiny_models import tiny_p
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import torch
@@ -66,7 +67,9 @@ def tiny_pipeline(
     defaults: SamplingDefaults | None = None,
     seed: int = 0,
 ) -> LatentDiffusionPipeline:
-    """A random pipeline (the U-Net outputs 2C channels when the schedule's variance is learned_range)."""
+    """A random pipeline (the U-Net outputs 2C channels when the schedule's variance is learned_range). Its text
+    encoder is a copy of the cached one, so casting or moving the pipeline leaves the cache as it was."""
     noise_schedule = noise_schedule or NoiseScheduleConfig()
     unet = tiny_unet(seed, out_channels=LATENT_CHANNELS * noise_schedule.output_channels_factor)
-    return LatentDiffusionPipeline(tiny_vae(seed), tiny_text_encoder(), unet, noise_schedule, defaults)
+    encoder = copy.deepcopy(tiny_text_encoder())
+    return LatentDiffusionPipeline(tiny_vae(seed), encoder, unet, noise_schedule, defaults)
