@@ -31,6 +31,7 @@ class TextEncoderConfig:
     pretrained: str | None = None  # folder or hub id; None = build the small model below
     text_encoder_subfolder: str = "text_encoder"  # "" when `pretrained` is a bare CLIP folder/id
     tokenizer_subfolder: str = "tokenizer"
+    variant: str | None = None  # weights file variant of `pretrained`, e.g. "fp16" for model.fp16.safetensors
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4

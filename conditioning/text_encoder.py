@@ -68,7 +68,11 @@ class TextEncoder(nn.Module):
         dtype = _DTYPES[config.dtype]
         if config.pretrained is not None:
             model = CLIPTextModel.from_pretrained(
-                config.pretrained, subfolder=config.text_encoder_subfolder, dtype=dtype, use_safetensors=True
+                config.pretrained,
+                subfolder=config.text_encoder_subfolder,
+                dtype=dtype,
+                use_safetensors=True,
+                variant=config.variant,
             )
             tokenizer = CLIPTokenizer.from_pretrained(config.pretrained, subfolder=config.tokenizer_subfolder)
             return cls(model, tokenizer, config)

@@ -176,9 +176,16 @@ def text_positions(folder: Path) -> int:
 
 
 @contextmanager
-def loading(folder: Path, component: str) -> Iterator[None]:
-    """Re-raise a failure to load `component` as an OSError that names the folder and the component."""
+def loading(folder: Path, component: str, variant: str | None = None) -> Iterator[None]:
+    """Re-raise a failure to load `component` as an OSError that names the folder and the component (and, when
+    the component holds only variant weights such as `*.fp16.safetensors`, the variant to ask for)."""
     try:
         yield
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # what the loaders raise for corrupt files
-        raise OSError(f"{folder}: component {component!r} cannot be loaded ({type(err).__name__}: {err})") from err
+        hint = ""
+        variants = sorted({p.suffixes[-2][1:] for p in (folder / component).glob("*.*.safetensors")})
+        if variant is None and variants:
+            hint = f"; its weights are variant {', '.join(map(repr, variants))}: pass variant={variants[0]!r}"
+        raise OSError(
+            f"{folder}: component {component!r} cannot be loaded ({type(err).__name__}: {err}){hint}"
+        ) from err

@@ -200,8 +200,10 @@ class LatentDiffusionPipeline:
         folder: str | Path,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        variant: str | None = None,
     ) -> LatentDiffusionPipeline:
-        """Load a model folder (ours or any SD 1.x/2.x folder with safetensors weights).
+        """Load a model folder (ours or any SD 1.x/2.x folder with safetensors weights); `variant` picks weight
+        files such as `diffusion_pytorch_model.fp16.safetensors` (variant="fp16").
 
         A missing folder, model_index.json or component raises FileNotFoundError naming them; a component
         whose files are corrupt (truncated weights, invalid JSON) raises OSError naming it. The text
@@ -209,13 +211,15 @@ class LatentDiffusionPipeline:
         config's scaling_factor.
         """
         folder = check_model_folder(folder)
-        dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        with loading(folder, "vae"):
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, **dtype_kwargs)
-        with loading(folder, "unet"):
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, **dtype_kwargs)
-        with loading(folder, "text_encoder"):
-            text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder))
+        kwargs = {"use_safetensors": True, "variant": variant} | (
+            {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        )
+        with loading(folder, "vae", variant):
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        with loading(folder, "unet", variant):
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+        with loading(folder, "text_encoder", variant):
+            text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder), variant=variant)
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
         return pipe.to(device, torch_dtype)
 

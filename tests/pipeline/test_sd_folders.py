@@ -129,3 +129,23 @@ def test_a_scheduler_config_with_an_unknown_spacing_is_refused_by_name(tmp_path)
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"scheduler_config\.json: timestep_spacing 'uniform' is not one of"):
         LatentDiffusionPipeline.from_pretrained(folder)
+
+
+def test_fp16_variant_weights_load_by_name(tmp_path):
+    """A snapshot with only `*.fp16.safetensors` loads with variant="fp16", to the latents diffusers draws from
+    the same files; without the variant the error names it."""
+    folder = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(sd_folder(tmp_path)).to(torch.float16).save_pretrained(
+        folder, variant="fp16", safe_serialization=True
+    )
+    with pytest.raises(OSError, match=r"component 'vae' cannot be loaded .*pass variant='fp16'"):
+        LatentDiffusionPipeline.from_pretrained(folder)
+    ours = LatentDiffusionPipeline.from_pretrained(folder, variant="fp16")
+    assert ours.dtype == torch.float32  # fp16 weights, read into float32 (torch_dtype= picks another)
+    theirs = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
+    theirs.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler"))
+    theirs.set_progress_bar_config(disable=True)
+    settings = {"guidance_scale": 5.0, "num_inference_steps": 7, "output_type": "latent"}
+    a = ours(PROMPTS, sampler="ddim", generator=torch.Generator().manual_seed(0), progress=False, **settings).images
+    b = theirs(PROMPTS, height=IMAGE_SIZE, width=IMAGE_SIZE, generator=torch.Generator().manual_seed(0), **settings)
+    assert_same(a, b.images)
