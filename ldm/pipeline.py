@@ -211,13 +211,15 @@ class LatentDiffusionPipeline:
         config's scaling_factor.
         """
         folder = check_model_folder(folder)
-        kwargs = {"use_safetensors": True, "variant": variant} | (
-            {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        )
+        dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         with loading(folder, "vae", variant):
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+            vae = AutoencoderKL.from_pretrained(
+                folder, subfolder="vae", use_safetensors=True, variant=variant, **dtype_kwargs
+            )
         with loading(folder, "unet", variant):
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+            unet = UNet2DConditionModel.from_pretrained(
+                folder, subfolder="unet", use_safetensors=True, variant=variant, **dtype_kwargs
+            )
         with loading(folder, "text_encoder", variant):
             text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder), variant=variant)
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
