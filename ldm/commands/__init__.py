@@ -29,6 +29,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     )
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --variant, for commands that load a model folder."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (diffusers SD pipeline folder)")
+    parser.add_argument(
+        "--variant", default=None, metavar="NAME", help="weight files of this variant, e.g. fp16 (*.fp16.safetensors)"
+    )
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """--device, for commands that run a model."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")

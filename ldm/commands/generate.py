@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldm.commands import add_device_argument, add_sampler_arguments
+from ldm.commands import add_device_argument, add_model_arguments, add_sampler_arguments
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
     from PIL.Image import Image
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "prompts", nargs="*", metavar="PROMPT", help="text prompt(s); with --prompt-embeds they only name the files"
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (diffusers SD pipeline folder)")
+    add_model_arguments(parser)
     parser.add_argument("--negative-prompt", default=None, help="guide away from this text instead of ''")
     add_sampler_arguments(parser)
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise, 0 = deterministic (default: folder's)")
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     prompts = prompt_names(args.prompts, extra.get("prompt_embeds"), args.prompt_embeds)
     device = resolve_device(args.device)
     try:  # a bad folder or option is the user's to fix: one line, no traceback
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device)
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
         height, width = size_of_latents(extra, pipe.vae_scale_factor, args.height, args.width)
         settings = pipe.resolve_settings(
             args.guidance_scale, args.steps, args.sampler, args.eta, height, width, karras_sigmas=args.karras_sigmas

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ldm.commands import add_device_argument, add_sampler_arguments
+from ldm.commands import add_device_argument, add_model_arguments, add_sampler_arguments
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
     from torch import Tensor
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompt_a", metavar="PROMPT_A", help="the text of the first frame")
     parser.add_argument("prompt_b", nargs="?", default=None, metavar="PROMPT_B", help="the text of the last frame")
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (diffusers SD pipeline folder)")
+    add_model_arguments(parser)
     parser.add_argument(
         "--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help=f"frames, >= 2 (default: {DEFAULT_FRAMES})"
     )
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = frame_weights(args.frames)
     try:  # a bad folder, option or prompt is the user's to fix: one line, no traceback
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device)
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
         settings = pipe.resolve_settings(
             args.guidance_scale, args.steps, args.sampler, karras_sigmas=args.karras_sigmas
         )

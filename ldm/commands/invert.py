@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ldm.commands import add_device_argument
+from ldm.commands import add_device_argument, add_model_arguments
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 1.0  # inversion is exact only without guidance: DDIM's ODE is the conditional model's
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--eta 0` with the same --steps and --guidance-scale draws the image again.",
     )
     parser.add_argument("image", metavar="IMAGE", help="the image to invert (its size must suit the model)")
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (diffusers SD pipeline folder)")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text the image is conditioned on")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default: {DEFAULT_STEPS})")
     parser.add_argument(
@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     image = open_image(args.image, "IMAGE", "RGB")
     device = resolve_device(args.device)
     try:  # a bad folder, prompt, step count or image size is the user's to fix: one line, no traceback
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device)
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
         x_T = pipe.invert(image, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     except (OSError, ValueError) as err:
         raise CommandError(str(err)) from err

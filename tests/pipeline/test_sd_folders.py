@@ -149,3 +149,18 @@ def test_fp16_variant_weights_load_by_name(tmp_path):
     a = ours(PROMPTS, sampler="ddim", generator=torch.Generator().manual_seed(0), progress=False, **settings).images
     b = theirs(PROMPTS, height=IMAGE_SIZE, width=IMAGE_SIZE, generator=torch.Generator().manual_seed(0), **settings)
     assert_same(a, b.images)
+
+
+def test_ldm_generate_loads_variant_weights_with_the_flag(tmp_path, capsys):
+    from ldm.cli import main
+
+    folder = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(sd_folder(tmp_path)).to(torch.float16).save_pretrained(
+        folder, variant="fp16", safe_serialization=True
+    )
+    command = ["generate", "a red circle", "--model", str(folder), "--steps", "2", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        main(command)
+    assert info.value.code == 2 and "pass variant='fp16'" in capsys.readouterr().err
+    assert main([*command, "--variant", "fp16"]) == 0
+    assert (tmp_path / "out" / "000-a-red-circle.png").is_file()
