@@ -75,6 +75,7 @@ from ldm.pipeline_settings import (
     check_sides,
     editing_strength,
     resolve_settings,
+    sides_of_latents,
     sized_like,
 )
 from ldm.scheduler_loop import check_scheduler, sample_with_scheduler
@@ -281,9 +282,8 @@ class LatentDiffusionPipeline:
             our_options = {"sampler": sampler, "eta": eta, "karras_sigmas": karras_sigmas, "threshold": threshold}
             check_scheduler_call(our_options, resample, return_trajectory)
             scheduler = self._scheduler_for(scheduler)
-        if image is None and isinstance(latents, torch.Tensor) and latents.ndim == 4:
-            f = self.vae_scale_factor  # x_T sets the size unless the call gives one (a mismatch is named below)
-            height, width = height or latents.shape[-2] * f, width or latents.shape[-1] * f
+        if image is None:  # x_T sets the size unless the call gives one (a mismatch is named below)
+            height, width = sides_of_latents(latents, self.vae_scale_factor, height, width)
         s = self.resolve_settings(guidance_scale, num_inference_steps, sampler, eta, height, width, karras_sigmas)
         pixels = image_batch(image) if image is not None else None
         if pixels is not None:

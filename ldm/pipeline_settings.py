@@ -120,6 +120,17 @@ def check_sides(geometry: Geometry, height: object, width: object, source: str |
             )
 
 
+def sides_of_latents(
+    latents: object, vae_scale_factor: int, height: int | None, width: int | None
+) -> tuple[int | None, int | None]:
+    """height and width, each unset one taken from x_T (B, C, h, w) as h f, w f; as given when `latents` is not
+    a 4-D tensor (a wrong shape is `check_latents`' to name)."""
+    if not (isinstance(latents, torch.Tensor) and latents.ndim == 4):
+        return height, width
+    h, w = (side * vae_scale_factor for side in latents.shape[-2:])
+    return (h if height is None else height), (w if width is None else width)
+
+
 def sized_like(
     s: SamplingSettings, geometry: Geometry, pixels: torch.Tensor, height: int | None, width: int | None
 ) -> SamplingSettings:

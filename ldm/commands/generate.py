@@ -139,6 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ldm.commands import CommandError, resolve_device
     from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.pipeline_settings import sides_of_latents
 
     if args.num_images < 1:
         raise CommandError(f"--num-images: must be >= 1, got {args.num_images}")
@@ -150,7 +151,11 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     try:  # a bad folder or option is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
-        height, width = size_of_latents(extra, pipe.vae_scale_factor, args.height, args.width)
+        # The settings are resolved (and passed whole) before the call, so the size x_T implies is taken here
+        # as the pipeline takes it: `ldm invert` of an image of another size writes such latents.
+        height, width = args.height, args.width
+        if "image" not in extra:
+            height, width = sides_of_latents(extra.get("latents"), pipe.vae_scale_factor, height, width)
         settings = pipe.resolve_settings(
             args.guidance_scale, args.steps, args.sampler, args.eta, height, width, karras_sigmas=args.karras_sigmas
         )
@@ -235,20 +240,6 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
         # The pipeline sizes the call by the image; the model's default size would contradict it.
         extra |= {"height": args.height, "width": args.width}
     return extra
-
-
-def size_of_latents(
-    extra: dict[str, Any], vae_scale_factor: int, height: int | None, width: int | None
-) -> tuple[int | None, int | None]:
-    """--height and --width, with each unset one taken from the given x_T (B, C, h, w) as h f, w f, as the
-    pipeline does; needed here because the settings are resolved (and passed whole) before the call, and
-    `ldm invert` of an image of another size than the model's writes such latents. Without latents (or with an
-    init image), as given."""
-    latents = extra.get("latents")
-    if latents is None or "image" in extra or latents.ndim != 4:  # a wrong shape is the pipeline's to report
-        return height, width
-    h, w = (side * vae_scale_factor for side in latents.shape[-2:])
-    return (h if height is None else height), (w if width is None else width)
 
 
 def read_tensors(path: str, flag: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Tensor]:
