@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch.utils.data import Dataset, IterableDataset
@@ -20,6 +20,13 @@ class DataConfig:
     separated by "::") or "latents" (stage 2 only: the folder `ldm precompute-latents` wrote, streamed
     like shards). The held-out split of shapes is generated; for image sources it is read from
     `heldout_path`, always with a centre crop and no flip.
+
+    buckets (stage 2: imagefolder, webdataset): train on whole images of any aspect ratio instead of square
+    crops (ldm/data/buckets.py, docs/buckets.md). Each image goes to the bucket (width, height) of about
+    resolution**2 pixels whose aspect ratio is nearest its own, up to `max_aspect_ratio` either way, and every
+    batch holds one bucket. The held-out split stays square (centre crop), so evaluation numbers remain
+    comparable with unbucketed runs. Shapes are square by construction: buckets are refused for them; for
+    "latents" the shards carry the sizes their precompute chose, and `buckets` must match it.
     """
 
     source: Literal["shapes", "imagefolder", "webdataset", "latents"] = "shapes"
@@ -28,6 +35,12 @@ class DataConfig:
     # shapes: number of items in each split.
     num_samples: int = 20000
     heldout_samples: int = 1000
+    # shapes: the shapes drawn (ldm.data.shapes.SHAPE_KINDS), e.g. add "cross" to fine-tune on a shape never seen.
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    # shapes: the colours of shapes and backgrounds (ldm.data.shapes.COLOR_RGB), e.g. add "pink".
+    colors: list[str] = field(
+        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    )
     # imagefolder / webdataset: where the data lives.
     train_path: str | None = None
     heldout_path: str | None = None
@@ -37,6 +50,8 @@ class DataConfig:
     center_crop: bool = True  # False: a random crop of the resized image
     random_flip: bool = False
     strict: bool = False  # a bad image or metadata line is an error instead of a logged skip
+    buckets: bool = False  # aspect-ratio buckets (see above); off: every image is cropped to a square
+    max_aspect_ratio: float = 2.0  # buckets: the widest bucket's width / height (and height / width)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -47,8 +62,18 @@ class DataConfig:
             raise ValueError(f"num_samples: must be positive, got {self.num_samples}")
         if self.heldout_samples <= 0:
             raise ValueError(f"heldout_samples: must be positive, got {self.heldout_samples}")
+        from ldm.data.shapes import check_colors, check_shapes
+
+        self.shapes = list(check_shapes(self.shapes))
+        self.colors = list(check_colors(self.colors))
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"max_aspect_ratio: must be >= 1 (the widest bucket's w / h), got {self.max_aspect_ratio}")
+        if self.buckets and self.source == "shapes":
+            raise ValueError(
+                "buckets: the shapes source draws square images only; bucket an imagefolder or webdataset source"
+            )
         if not self.caption_column:
             raise ValueError("caption_column: must be a non-empty metadata key, e.g. 'text'")
         if self.source != "shapes" and not self.train_path:
@@ -73,7 +98,9 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset | IterableDa
         from ldm.data.shapes import ShapesDataset
 
         size = cfg.num_samples if train else cfg.heldout_samples
-        return ShapesDataset(size, resolution=cfg.resolution, split=split, seed=cfg.seed)
+        return ShapesDataset(
+            size, resolution=cfg.resolution, split=split, seed=cfg.seed, shapes=cfg.shapes, colors=cfg.colors
+        )
 
     path = cfg.train_path if train else cfg.heldout_path
     if cfg.source == "latents":

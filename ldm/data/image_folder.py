@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ldm.data.images import IMAGE_EXTENSIONS, describe_error, load_pixels, utf8_problem
+from ldm.data.buckets import Size, describe_buckets, nearest_bucket
+from ldm.data.images import IMAGE_EXTENSIONS, describe_error, load_pixels, upright_size, utf8_problem
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class ImageFolderDataset(Dataset):
     Images are made RGB (alpha over white, 16-bit grey rescaled, EXIF orientation applied), resized so the
     short side is `resolution`, cropped to a square (centred, or random with `center_crop=False`) and
     flipped left-right with probability 1/2 if `random_flip`. See the module docstring for bad input.
+    After `set_buckets`, each image is prepared at its aspect-ratio bucket instead (`bucket_of[i]` indexes
+    `bucket_sizes`), with the same crop and flip.
     """
 
     def __init__(
@@ -114,6 +117,8 @@ class ImageFolderDataset(Dataset):
         if verify:
             rows = self._drop_unreadable(rows)
         self.records: list[tuple[Path, str | list[str]]] = rows
+        self.bucket_sizes: list[Size] | None = None  # set by `set_buckets`
+        self.bucket_of: list[int] | None = None
         self._summary.kept = len(rows)
         if not rows:
             raise ValueError(f"image folder {self.root}: no usable images\n{self._summary.format()}")
@@ -124,8 +129,9 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path, caption = self.records[index]
+        size = self.resolution if self.bucket_sizes is None else self.bucket_sizes[self.bucket_of[index]]
         try:
-            pixels = load_pixels(path, self.resolution, self.center_crop, self.random_flip)
+            pixels = load_pixels(path, size, self.center_crop, self.random_flip)
         except Exception as err:  # decoders of untrusted files raise many types (OSError, ValueError, ...)
             if self.strict:
                 raise OSError(f"{path}: cannot load image ({describe_error(err)})") from err
@@ -135,6 +141,36 @@ class ImageFolderDataset(Dataset):
         if isinstance(caption, list):  # several captions for one image: a random one each time
             caption = caption[int(torch.randint(len(caption), ()).item())]
         return {"pixel_values": pixels, "caption": caption}
+
+    def set_buckets(self, sizes: list[Size]) -> None:
+        """Prepare each image at the bucket of `sizes` ((width, height) pairs) nearest its aspect ratio.
+
+        Every image's header is read once (in threads) for its upright size; an image whose header cannot be
+        read is skipped as at start-up (strict: an error). Sets `bucket_sizes` and `bucket_of`, by which the
+        loader batches (`ldm.data.buckets.BucketBatchSampler`).
+        """
+
+        def read(path: Path) -> tuple[int, int] | str:
+            try:
+                return upright_size(path)
+            except Exception as err:  # see __getitem__
+                return describe_error(err)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = pool.map(read, [path for path, _ in self.records])
+            found = list(tqdm(results, total=len(self.records), desc="sizing images", disable=len(self.records) < 1000))
+        kept, bucket_of = [], []
+        for record, size in zip(self.records, found, strict=True):
+            if isinstance(size, str):
+                self._skip(record[0], size)
+                continue
+            kept.append(record)
+            bucket_of.append(nearest_bucket(*size, sizes))
+        if not kept:
+            raise ValueError(f"image folder {self.root}: no usable images\n{self._summary.format()}")
+        self.records, self.bucket_sizes, self.bucket_of = kept, list(sizes), bucket_of
+        self._summary.kept = len(kept)
+        logger.info("image folder %s: %s", self.root, describe_buckets(sizes, bucket_of))
 
     def summary(self) -> FolderSummary:
         """The report of this process: start-up skips, bad lines, missing captions, and runtime skips seen here."""

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ldm.data.buckets import nearest_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +26,9 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # Integer modes holding more than 8 bits per pixel; PIL's own convert("L") clips them at 255, which turns
 # a 16-bit image almost white, so they are rescaled from the full 16-bit range instead.
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
 
 
 def open_image(source: str | Path | bytes, draft_size: int | None = None, name: str | None = None) -> Image.Image:
@@ -76,39 +82,58 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True) -> Image.Image:
-    """Resize so the short side is `resolution` (bicubic, antialiased), then crop a square of that size.
+def upright_size(source: str | Path | bytes) -> tuple[int, int]:
+    """(width, height) of an image file as `to_rgb` will turn it (EXIF orientation applied), read from its
+    header without decoding the pixels."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        width, height = image.size
+        transposed = image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS
+    return (height, width) if transposed else (width, height)
 
-    The crop is centred, or placed uniformly at random (torch's generator, so each data-loader worker
-    draws differently) when `center_crop` is False.
+
+def resize_and_crop(image: Image.Image, size: int | tuple[int, int], center_crop: bool = True) -> Image.Image:
+    """Resize to the smallest size that covers `size` (bicubic, antialiased), then crop to exactly `size`.
+
+    `size` is a side (a square: the short side is resized to it) or a (width, height) bucket, which a
+    nearby aspect ratio covers with only a small remainder to crop. The crop is centred, or placed uniformly
+    at random (torch's generator, so each data-loader worker draws differently) when `center_crop` is False.
     """
+    target_w, target_h = (size, size) if isinstance(size, int) else size
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    scale = max(target_w / width, target_h / height)
+    new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
     if new_size != image.size:
         image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=None)
     width, height = image.size
     if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
+        left, top = (width - target_w) // 2, (height - target_h) // 2
     else:
-        left = int(torch.randint(width - resolution + 1, ()).item())
-        top = int(torch.randint(height - resolution + 1, ()).item())
-    return image.crop((left, top, left + resolution, top + resolution))
+        left = int(torch.randint(width - target_w + 1, ()).item())
+        top = int(torch.randint(height - target_h + 1, ()).item())
+    return image.crop((left, top, left + target_w, top + target_h))
 
 
 def load_pixels(
     source: str | Path | bytes,
-    resolution: int,
+    resolution: int | tuple[int, int],
     center_crop: bool = True,
     random_flip: bool = False,
     name: str | None = None,
+    buckets: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """A file path or encoded bytes as a float32 (3, resolution, resolution) tensor in [-1, 1].
+    """A file path or encoded bytes as a float32 (3, H, W) tensor in [-1, 1].
 
-    `name` says where encoded bytes came from, for warnings (a path names itself).
+    (H, W) is (resolution, resolution) for a side, or (height, width) for a (width, height) `resolution`;
+    with `buckets` (width, height) sizes, the size is the bucket nearest the image's aspect ratio
+    (`ldm.data.buckets.nearest_bucket`). `name` says where encoded bytes came from, for warnings (a path
+    names itself).
     """
-    image = open_image(source, draft_size=resolution, name=name)
-    image = resize_and_crop(to_rgb(image), resolution, center_crop)
+    size = (resolution, resolution) if isinstance(resolution, int) else resolution
+    # A JPEG draft keeps both sides >= the request; with buckets that is the resolution, >= any bucket's short side.
+    image = to_rgb(open_image(source, draft_size=max(size), name=name))
+    if buckets is not None:
+        size = buckets[nearest_bucket(*image.size, buckets)]
+    image = resize_and_crop(image, size, center_crop)
     pixels = to_model_tensor(image)  # (3, H, W)
     if random_flip and torch.rand(()) < 0.5:
         pixels = pixels.flip(-1)

@@ -11,6 +11,10 @@ and FOLDER/manifest.json says what made them (the VAE's and text encoder's finge
 settings) and lists the shards. Shards are split between consumers exactly as image shards are
 (`webdataset_source.shards_for_consumer`), so a stream of latents trains on any number of processes.
 Arrays are read with `numpy.load(allow_pickle=False)`: a shard is data, never code.
+
+A precompute with data.buckets writes each sample's moments at its bucket's size and lists the bucket
+sizes in the manifest's data settings; the stream is then bucketed (`bucket_sizes`) and the loader batches
+it by size (`ldm.data.buckets.BucketedStream`).
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class LatentShardSource(IterableDataset):
         self.random_flip, self.with_context = random_flip, with_context
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
+        buckets = self.manifest["data"].get("buckets")  # (width, height) pairs, or absent: square latents
+        self.bucket_sizes = None if buckets is None else [(int(w), int(h)) for w, h in buckets]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,9 +1,10 @@
 """The built-in synthetic dataset: captioned images of one simple shape on a plain background.
 
-A scene is a shape (circle, square, triangle) in one of 8 colours on a background of another, in one
-of 3 sizes at one of 9 grid positions, plus a small discrete jitter of its centre and scale. Item i of
-a split is drawn from a generator seeded with (seed, split, i), so any item can be produced on its own
-in any worker, reproducibly.
+A scene is a shape (circle, square, triangle) in one of 8 colours on a background of another, in one of 3
+sizes at one of 9 grid positions, plus a small discrete jitter of its centre and scale. To fine-tune on
+something the default data never shows, `shapes` may add a cross and `colors` may add pink. Item i of a split
+is drawn from a generator seeded with (seed, split, i), so any item can be produced on its own in any worker,
+reproducibly.
 
 Train and held-out never share an image, by construction: a fixed hash of the rendered pixels assigns
 every possible image to exactly one split (`image_split`), and an item is redrawn until its image hashes
@@ -22,6 +23,7 @@ down, so edge pixels hold the area-weighted mix of shape and background colours.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")  # the default data's shapes
+SHAPE_KINDS: tuple[str, ...] = (*SHAPES, "cross")  # every shape `render_scene` draws
+CROSS_ARM = 0.4  # a cross's arm half-width as a fraction of its extent: about a circle's area, at 0.4^2 * 16
 
 # Colour names and their sRGB values. The palette is shared by shapes and backgrounds (a shape is never
 # drawn in its background's colour).
@@ -45,6 +49,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 BACKGROUNDS: tuple[str, ...] = tuple(PALETTE)
+EXTRA_PALETTE: dict[str, tuple[int, int, int]] = {"pink": (250, 140, 200)}  # never in the default data
+COLOR_RGB: dict[str, tuple[int, int, int]] = PALETTE | EXTRA_PALETTE  # every colour `render_scene` draws
 
 # Half-extent of the shape as a fraction of the image side.
 SIZE_EXTENT: dict[str, float] = {"small": 0.08, "medium": 0.12, "large": 0.16}
@@ -96,15 +102,18 @@ CONTENT_VERSION = "shapes/2"
 MAX_ATTEMPTS = 1000  # draws per item before giving up on finding a scene of the requested split
 
 
-def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw scene parameters uniformly: attributes (background never the shape's colour) and jitter."""
-    color = int(rng.integers(len(COLORS)))
-    background = int(rng.integers(len(BACKGROUNDS) - 1))
+def sample_scene(
+    rng: np.random.Generator, shapes: tuple[str, ...] = SHAPES, colors: tuple[str, ...] = COLORS
+) -> dict[str, Any]:
+    """Draw scene parameters uniformly: attributes (background never the shape's colour) and jitter. The
+    shape and background colours come from the same `colors`."""
+    color = int(rng.integers(len(colors)))
+    background = int(rng.integers(len(colors) - 1))
     background += background >= color  # skip the shape's own colour
     return {
-        "shape": SHAPES[int(rng.integers(len(SHAPES)))],
-        "color": COLORS[color],
-        "background": BACKGROUNDS[background],
+        "shape": shapes[int(rng.integers(len(shapes)))],
+        "color": colors[color],
+        "background": colors[background],
         "size": SIZES[int(rng.integers(len(SIZES)))],
         "position": POSITIONS[int(rng.integers(len(POSITIONS)))],
         "jitter": (
@@ -133,13 +142,13 @@ def image_split(image: Image.Image) -> str:
 def render_scene(scene: dict[str, Any], resolution: int) -> Image.Image:
     """Draw `scene` as an RGB image of `resolution` x `resolution`, antialiased by supersampling."""
     big = resolution * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), PALETTE[scene["background"]])
+    image = Image.new("RGB", (big, big), COLOR_RGB[scene["background"]])
     draw = ImageDraw.Draw(image)
     jx, jy, scale = scene["jitter"]
     cx, cy = POSITION_CENTER[scene["position"]]
     cx, cy = (cx + jx * JITTER_STEP) * big, (cy + jy * JITTER_STEP) * big
     r = SIZE_EXTENT[scene["size"]] * scale * big
-    fill = PALETTE[scene["color"]]
+    fill = COLOR_RGB[scene["color"]]
     if scene["shape"] == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif scene["shape"] == "square":
@@ -147,10 +156,33 @@ def render_scene(scene: dict[str, Any], resolution: int) -> Image.Image:
         draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
     elif scene["shape"] == "triangle":
         draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    elif scene["shape"] == "cross":
+        a = CROSS_ARM * r
+        draw.rectangle((cx - r, cy - a, cx + r, cy + a), fill=fill)
+        draw.rectangle((cx - a, cy - r, cx + a, cy + r), fill=fill)
     else:
-        raise ValueError(f"unknown shape {scene['shape']!r}; valid: {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {scene['shape']!r}; valid: {', '.join(SHAPE_KINDS)}")
     # BOX averages each SUPERSAMPLE x SUPERSAMPLE block: edge pixels get the covered-area mix of colours.
     return image.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def check_shapes(shapes: Sequence[str], key: str = "shapes") -> tuple[str, ...]:
+    """`shapes` as a tuple, if it names at least two distinct drawable shapes; ValueError naming `key` otherwise."""
+    return _check_choice(shapes, SHAPE_KINDS, key, "shape")
+
+
+def check_colors(colors: Sequence[str], key: str = "colors") -> tuple[str, ...]:
+    """`colors` as a tuple, if it names at least two distinct known colours; ValueError naming `key` otherwise."""
+    return _check_choice(colors, tuple(COLOR_RGB), key, "colour")
+
+
+def _check_choice(chosen: Sequence[str], known: tuple[str, ...], key: str, what: str) -> tuple[str, ...]:
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        raise ValueError(f"{key}: unknown {what}(s) {unknown}; valid: {', '.join(known)}")
+    if len(set(chosen)) != len(chosen) or len(chosen) < 2:
+        raise ValueError(f"{key}: needs at least two different {what}s, each once; got {list(chosen)}")
+    return tuple(chosen)
 
 
 class ShapesDataset(Dataset):
@@ -161,10 +193,9 @@ class ShapesDataset(Dataset):
     With `cache` (the default), rendered images are kept in memory when all of them fit in
     CACHE_LIMIT_BYTES as 8-bit pixels (20k images at 32 px take 61 MB). The train and held-out splits leave
     out NOVEL_COMBINATIONS unless `include_novel` (the attribute probe, a judge of every combination, is
-    trained with them).
+    trained with them). `shapes` and `colors` are the shapes and colours drawn, each equally often; the default
+    sets give the items they always gave.
     """
-
-    content_version = CONTENT_VERSION
 
     def __init__(
         self,
@@ -174,6 +205,8 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         cache: bool = True,
         include_novel: bool = False,
+        shapes: Sequence[str] = SHAPES,
+        colors: Sequence[str] = COLORS,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
@@ -181,6 +214,8 @@ class ShapesDataset(Dataset):
             raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.shapes = check_shapes(shapes)
+        self.colors = check_colors(colors)
         self.num_samples = num_samples
         self.resolution = resolution
         self.split = split
@@ -194,6 +229,13 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def content_version(self) -> str:
+        """What the item of an index depends on beyond (seed, split, index, resolution): part of cache keys."""
+        if (self.shapes, self.colors) == (SHAPES, COLORS):
+            return CONTENT_VERSION
+        return f"{CONTENT_VERSION}+{'+'.join(self.shapes)}/{'+'.join(self.colors)}"
+
     def draw(self, index: int) -> tuple[dict[str, Any], Image.Image, np.random.Generator]:
         """Item `index`'s scene, its rendered image and the generator it was drawn from.
 
@@ -206,7 +248,7 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.num_samples}")
         for attempt in range(MAX_ATTEMPTS):
             rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, attempt])
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, self.shapes, self.colors)
             novel = combination(scene) in NOVEL_COMBINATIONS
             if self.split == "compositional":
                 if novel:

@@ -30,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
+from ldm.data.buckets import Size
 from ldm.data.images import describe_error, load_pixels, utf8_problem
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class WebDatasetSource(IterableDataset):
     flip). A sample whose image is missing or cannot be decoded is skipped with a warning naming shard
     and key (`strict=True`: an error); a missing caption is "". Each consumer logs what it read and
     skipped when its pass over its shards ends. `rank` / `world_size` default to the launcher's.
+    After `set_buckets`, each image is prepared at the bucket nearest its aspect ratio instead of a square;
+    `ldm.data.buckets.BucketedStream` then groups the items into batches of one bucket.
     """
 
     def __init__(
@@ -137,7 +140,12 @@ class WebDatasetSource(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.rank = rank
         self.world_size = world_size
+        self.bucket_sizes: list[Size] | None = None  # set by `set_buckets`
         self.epoch = 0
+
+    def set_buckets(self, sizes: list[Size]) -> None:
+        """Prepare each image at the bucket of `sizes` ((width, height) pairs) nearest its aspect ratio."""
+        self.bucket_sizes = list(sizes)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch's shard order; call before iterating (workers copy the dataset at that point)."""
@@ -173,7 +181,9 @@ class WebDatasetSource(IterableDataset):
             try:
                 if image_key is None:
                     raise ValueError(f"no image file ({', '.join(IMAGE_KEYS)}) in this sample")
-                pixels = load_pixels(sample[image_key], self.resolution, self.center_crop, self.random_flip, name=where)
+                pixels = load_pixels(
+                    sample[image_key], self.resolution, self.center_crop, self.random_flip, where, self.bucket_sizes
+                )
             except Exception as err:  # decoders of untrusted bytes raise many types
                 if self.strict:
                     raise ValueError(f"webdataset sample {where}: {describe_error(err)}") from err

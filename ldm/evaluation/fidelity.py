@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.data.shapes import ShapesDataset
-from ldm.evaluation.probe import ATTRIBUTES, AttributeProbe
+from ldm.data.shapes import COLORS, SHAPES, ShapesDataset
+from ldm.evaluation.probe import AttributeProbe, attribute_classes
 from ldm.pipeline import LatentDiffusionPipeline
 
 # The attributes every prompt names and every fidelity table reports ("all" = colour, shape and background
@@ -95,6 +95,8 @@ def prompt_fidelity(
     return result
 
 
-def chance_accuracy() -> dict[str, float]:
-    """What guessing uniformly would score per attribute (the floor every table is read against)."""
-    return {k: 1.0 / len(ATTRIBUTES[k]) for k in JUDGED}
+def chance_accuracy(shapes: tuple[str, ...] = SHAPES, colors: tuple[str, ...] = COLORS) -> dict[str, float]:
+    """What guessing uniformly would score per attribute for data of `shapes` and `colors` (the floor every table
+    is read against)."""
+    classes = attribute_classes(shapes, colors)
+    return {k: 1.0 / len(classes[k]) for k in JUDGED}

@@ -44,6 +44,8 @@ class AutoencoderExperimentConfig:
     def __post_init__(self) -> None:
         if self.data.source == "latents":
             raise ValueError("data.source: 'latents' are stage 2's input; the autoencoder trains on images")
+        if self.data.buckets:  # a convolutional autoencoder learns all it needs from square crops
+            raise ValueError("data.buckets: stage 2 only; the autoencoder trains on square crops (set it false)")
         # Checked when the config is read: the decoder of an f-times downsampling VAE returns sides that are
         # multiples of f, so any other resolution would only fail at the first loss, after start-up.
         levels = len(self.model.block_out_channels)

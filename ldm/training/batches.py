@@ -6,6 +6,9 @@ fresh from q(z | x), and the U-Net's conditioning for the captions after caption
 context `encoder_hidden_states` (B, L, D) from a frozen encoder (cached embeddings arrive with the batch,
 and their dropout is drawn on the device), or the `captions` themselves when the encoder trains with the
 U-Net (it then runs inside the model's forward pass; see `Denoiser`).
+
+With data.buckets (`ldm.data.buckets`) the items come at their bucket's size and every batch holds one bucket;
+the latent cache then keeps one folder per bucket (`BucketedLatentCache`), and the caption cache is the same.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from autoencoder.posterior import DiagonalGaussian
 from conditioning import TextEmbeddingCache, TextEncoder, drop_captions
 from conditioning.fingerprint import weights_fingerprint
 from ldm.data import collate_examples
+from ldm.data.buckets import is_bucketed
 from ldm.data.image_folder import METADATA_FILE
 from ldm.data.latent_shards import LatentShardSource
-from ldm.training.latent_cache import LatentCache
+from ldm.training.latent_cache import BucketedLatentCache, LatentCache
+from ldm.unet import UNetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +52,10 @@ class CachedExamples(Dataset):
     """The latent cache's items with their caption's cached embedding as "context", both read from disk per
     item, in the data loader's workers: a training process holds one batch of the caches, not the caches."""
 
-    def __init__(self, latents: LatentCache, captions: TextEmbeddingCache) -> None:
+    def __init__(self, latents: LatentCache | BucketedLatentCache, captions: TextEmbeddingCache) -> None:
         self.latents, self.captions = latents, captions
+        self.bucket_sizes = latents.bucket_sizes  # the loader batches by bucket when the latents are bucketed
+        self.bucket_of = getattr(latents, "bucket_of", None)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -108,13 +115,21 @@ def build_train_dataset(
     With `cache_dir` the VAE moments and (for a frozen text encoder) the caption embeddings are computed
     once, every process encoding its share in resumable parts; without it the raw dataset is returned and
     both encoders run on every step. Only a fixed map-style dataset with deterministic preprocessing can be
-    cached.
+    cached. A bucketed dataset is cached per bucket (`BucketedLatentCache`).
     """
     if cache_dir is None:
         return dataset, None, 0.0
     start = time.perf_counter()
+    data = asdict(data_settings)
+    # Bucket sizes depend on the model too, so they are recorded; without buckets the keys are left out, as before.
+    if data.pop("buckets", False):
+        data["bucket_sizes"] = [list(size) for size in dataset.bucket_sizes]  # type: ignore[union-attr]
+    else:
+        data.pop("max_aspect_ratio", None)
+    for key in ("shapes", "colors"):  # the shapes dataset's content_version names sets other than the default
+        data.pop(key, None)
     content = {
-        "data": asdict(data_settings),
+        "data": data,
         "size": len(dataset),
         "version": getattr(dataset, "content_version", None),
     }  # type: ignore[arg-type]
@@ -128,7 +143,8 @@ def build_train_dataset(
     def encode_moments(x: Tensor) -> Tensor:
         return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters
 
-    latents = LatentCache.load_or_build(cache_dir / "latents", encode_moments, dataset, fingerprint, **launch)
+    kind = BucketedLatentCache if is_bucketed(dataset) else LatentCache
+    latents = kind.load_or_build(cache_dir / "latents", encode_moments, dataset, fingerprint, **launch)
     if not text_encoder.frozen:  # its embeddings change every step
         return latents, None, time.perf_counter() - start
     captions = TextEmbeddingCache.load_or_build(cache_dir / "captions", text_encoder, latents.captions, **launch)
@@ -147,6 +163,12 @@ def use_latent_shards(
     if source.manifest["data"]["resolution"] != cfg.data.resolution:
         made = source.manifest["data"]["resolution"]
         raise ValueError(f"{where}: the latents are of {made}px images, but data.resolution is {cfg.data.resolution}")
+    if is_bucketed(source) != cfg.data.buckets:
+        made = "at aspect-ratio bucket sizes" if is_bucketed(source) else "as square crops"
+        raise ValueError(
+            f"{where}: the latents were precomputed {made}, but data.buckets is {cfg.data.buckets}; set "
+            f"data.buckets={str(is_bucketed(source)).lower()} (the shards decide), or precompute again"
+        )
     if not text_encoder.frozen:
         return None  # encoded with gradients every step
     if source.manifest["text_encoder"] != text_encoder.fingerprint():
@@ -160,7 +182,7 @@ def use_latent_shards(
 
 def collate_for(dataset: Dataset | IterableDataset) -> Callable[[list[Any]], dict[str, Any]]:
     """How the loader stacks items of `dataset`: cached or precomputed moments (and embeddings), or images."""
-    cached = isinstance(dataset, (LatentCache, CachedExamples, LatentShardSource))
+    cached = isinstance(dataset, (LatentCache, BucketedLatentCache, CachedExamples, LatentShardSource))
     return collate_cached if cached else collate_examples
 
 
@@ -193,3 +215,15 @@ def require_captions(dataset: Dataset | IterableDataset) -> None:
         f"data.train_path: {folder} has no {METADATA_FILE}, so every caption would be empty and the run would "
         'learn an unconditional model; add the captions (one JSON line per image: {"file_name": ..., "text": ...})'
     )
+
+
+def size_multiple(vae: AutoencoderKL, unet: UNetConfig) -> int:
+    """What every image side must be a multiple of for the latents to halve cleanly through the U-Net: the VAE's
+    downsampling f = 2^(levels - 1) times the U-Net's 2^(levels - 1) (a pretrained U-Net's read from its config)."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if unet.pretrained is None:
+        return vae_factor * unet.downsampling_factor
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(unet.pretrained, subfolder="unet")
+    return vae_factor * 2 ** (len(config["block_out_channels"]) - 1)

@@ -1,7 +1,8 @@
 """What both trainers need to run the same on one process or many under `accelerate launch`.
 
 - `prepare_loader`: map-style data is sharded by Accelerate (each process a disjoint set of batches per
-  epoch, the shuffle order broadcast from the main process); a stream that splits itself is left alone.
+  epoch, the shuffle order broadcast from the main process, or, for aspect-ratio buckets, drawn alike by
+  every process from the seed and epoch); a stream that splits itself is left alone.
 - `reduce_mean`: logged values are means over all processes, not the main process's share alone.
 - `log_rank_step`: at DEBUG level (`ldm --log-level DEBUG ...`), one line per process and step with what
   it computed and which captions it trained on, so a multi-process run can be checked from its log.
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 def prepare_loader(accelerator: Accelerator, loader: Iterable) -> Iterable:
     """`loader` as this process should read it: a map-style DataLoader prepared by Accelerate, anything else as is.
+
+    A loader with a `BucketBatchSampler` (data.buckets) is split by whole batches: process r of P reads batches
+    r, r + P, ... of the one order every process draws, so each gets different batches, each of one bucket.
 
     A streaming dataset (e.g. `WebDatasetSource`) already reads a disjoint set of shards per rank and
     worker; Accelerate's `IterableDatasetShard` would make each rank keep only every num_processes-th

@@ -6,6 +6,9 @@ output shard j is input chunk j (an input .tar shard, or `samples_per_shard` ite
 by rank j % world_size under a temporary name and renamed when complete, with a small sidecar
 `latents-J.json` naming the models that made it. A killed run, launched again, redoes only the
 shards without a current sidecar; rank 0 writes FOLDER/manifest.json when all exist.
+
+With data.buckets each sample's moments are stored at its aspect-ratio bucket's size (`ldm.data.buckets`;
+the sizes, which depend on the VAE and cfg.unet, are listed in the manifest's data settings).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from conditioning import TextEncoder
 from conditioning.cache_file import write_json_atomically
 from conditioning.fingerprint import weights_fingerprint
 from ldm.data import build_dataset, collate_examples
+from ldm.data.buckets import BucketBatchSampler, BucketedStream, Size, bucket_of_items, bucket_sizes, is_bucketed
 from ldm.data.latent_shards import MANIFEST, MANIFEST_FORMAT, encode_array
 from ldm.data.webdataset_source import WebDatasetSource
+from ldm.training.batches import size_multiple
 from ldm.training.diffusion_config import DiffusionExperimentConfig
 from ldm.training.diffusion_stage import load_vae
 
@@ -53,15 +58,19 @@ def precompute_latents(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
-    vae = load_vae(cfg.autoencoder).to(accelerator.device).eval().requires_grad_(False)
+    vae = load_vae(cfg.autoencoder, cfg.autoencoder_variant).to(accelerator.device).eval().requires_grad_(False)
     encoder = TextEncoder.from_config(cfg.text_encoder).to(accelerator.device)
     settings = {"resolution": cfg.data.resolution, "center_crop": True, "flip": cfg.data.random_flip}
+    sizes = None
+    if cfg.data.buckets:  # the key only when on, so the sidecars of square precomputes stay current
+        sizes = bucket_sizes(cfg.data.resolution, size_multiple(vae, cfg.unet), cfg.data.max_aspect_ratio)
+        settings["buckets"] = [list(size) for size in sizes]
     identity = {
         "vae": weights_fingerprint(vae, {}),
         "text_encoder": encoder.fingerprint() if encoder.frozen else None,
         "data": settings,
     }
-    chunks = input_chunks(cfg, samples_per_shard)
+    chunks = input_chunks(cfg, samples_per_shard, sizes)
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = [j for j in range(rank, len(chunks), world) if _sidecar(out, j) != identity]
     for j in tqdm(todo, desc="precomputing latents", unit="shard", disable=not accelerator.is_main_process):
@@ -76,18 +85,28 @@ def precompute_latents(
     return manifest or json.loads((out / MANIFEST).read_text(encoding="utf-8"))
 
 
-def input_chunks(cfg: DiffusionExperimentConfig, samples_per_shard: int) -> list[Dataset | IterableDataset]:
-    """The input's pieces, one per output shard: each .tar of a WebDataset, else consecutive item ranges."""
+def input_chunks(
+    cfg: DiffusionExperimentConfig, samples_per_shard: int, sizes: list[Size] | None = None
+) -> list[Dataset | IterableDataset]:
+    """The input's pieces, one per output shard: each .tar of a WebDataset, else consecutive item ranges;
+    with bucket `sizes`, their images are prepared at their buckets."""
     data = cfg.data
     if data.source == "webdataset":
         source = build_dataset(data, "train")
         assert isinstance(source, WebDatasetSource)
-        return [
-            WebDatasetSource([shard], data.resolution, strict=data.strict, shuffle_shards=False, rank=0, world_size=1)
-            for shard in source.shards
-        ]
+        chunks = []
+        for shard in source.shards:
+            chunk = WebDatasetSource(
+                [shard], data.resolution, strict=data.strict, shuffle_shards=False, rank=0, world_size=1
+            )
+            if sizes is not None:
+                chunk.set_buckets(sizes)
+            chunks.append(chunk)
+        return chunks
     unflipped = type(data)(**{**asdict(data), "random_flip": False})  # the flip is written as a second view
     dataset = build_dataset(unflipped, "train")
+    if sizes is not None:
+        dataset.set_buckets(sizes)  # type: ignore[union-attr]
     size = len(dataset)  # type: ignore[arg-type]
     return [Subset(dataset, range(s, min(s + samples_per_shard, size))) for s in range(0, size, samples_per_shard)]
 
@@ -97,7 +116,7 @@ def encode_chunk(
     chunk: Dataset | IterableDataset, vae: Any, encoder: TextEncoder | None, flip: bool, batch_size: int
 ) -> Iterator[dict[str, bytes]]:
     """The shard's samples: moments (and of the mirror image), caption embedding, caption."""
-    for batch in DataLoader(chunk, batch_size=batch_size, collate_fn=collate_examples):
+    for batch in chunk_batches(chunk, batch_size):
         if not batch["captions"]:
             continue  # every image of the batch was unreadable (reported by the data layer)
         pixels = batch["pixel_values"].to(vae.device, vae.dtype)
@@ -111,6 +130,19 @@ def encode_chunk(
             if context is not None:
                 sample["context.npy"] = encode_array(context[i])
             yield sample
+
+
+def chunk_batches(chunk: Dataset | IterableDataset, batch_size: int) -> DataLoader:
+    """The chunk's items in collated batches, in order; when bucketed, bucket after bucket, one bucket a batch."""
+    if isinstance(chunk, IterableDataset):
+        if is_bucketed(chunk):
+            return DataLoader(BucketedStream(chunk, batch_size), batch_size=None, collate_fn=collate_examples)
+        return DataLoader(chunk, batch_size=batch_size, collate_fn=collate_examples)
+    bucket_of = bucket_of_items(chunk)
+    if bucket_of is None:
+        return DataLoader(chunk, batch_size=batch_size, collate_fn=collate_examples)
+    sampler = BucketBatchSampler(bucket_of, batch_size, shuffle=False, drop_last=False)
+    return DataLoader(chunk, batch_sampler=sampler, collate_fn=collate_examples)
 
 
 def write_shard(path: Path, samples: Iterator[tuple[str, dict[str, bytes]]]) -> int:

@@ -24,6 +24,8 @@ def test_defaults_build_the_shapes_splits():
         ("source=webdataset", "train_path"),
         ("source=tfrecord", "source"),
         ("colour=red", "colour"),
+        ("shapes=[circle, star]", "shapes"),
+        ("colors=[red]", "colors"),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(tmp_path, override, key):

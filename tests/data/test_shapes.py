@@ -8,6 +8,7 @@ import torch
 
 from ldm.data import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, collate_examples
 from ldm.data.shapes import (
+    COLOR_RGB,
     HELDOUT_PERCENT,
     NOVEL_COMBINATIONS,
     PALETTE,
@@ -166,6 +167,56 @@ def test_edges_are_antialiased():
     alpha = (mixed - bg) @ (fg - bg) / ((fg - bg) @ (fg - bg))
     assert ((alpha > 0) & (alpha < 1)).all()
     assert np.abs(bg + alpha[:, None] * (fg - bg) - mixed).max() <= 1.0
+
+
+def test_a_cross_is_drawn_as_two_bars_with_the_area_of_a_circle():
+    scene = {"color": "red", "background": "blue", "size": "large", "position": "center", "jitter": (0, 0, 1.0)}
+    red = np.array(PALETTE["red"], float)
+
+    def covered(shape: str) -> np.ndarray:  # the share of each pixel the shape covers
+        rgb = np.asarray(render_scene(scene | {"shape": shape}, 64), dtype=np.float64)
+        blue = np.array(PALETTE["blue"], float)
+        return (rgb - blue) @ (red - blue) / ((red - blue) @ (red - blue))
+
+    cross = covered("cross")
+    assert cross[32, 32] > 0.99 and cross[32, 24] > 0.99 and cross[24, 32] > 0.99  # centre and both bars
+    assert cross[24, 24] < 0.01 and cross[40, 40] < 0.01  # the corners between the arms are background
+    assert abs(cross.sum() / covered("circle").sum() - 1) < 0.25
+    assert not np.allclose(cross, covered("square"), atol=0.1)
+
+
+def test_added_shapes_and_colours_are_drawn_and_the_default_sets_keep_their_items():
+    default = ShapesDataset(40, 32, seed=3)
+    explicit = ShapesDataset(40, 32, seed=3, shapes=SHAPES, colors=COLORS)
+    assert all(torch.equal(default[i]["pixel_values"], explicit[i]["pixel_values"]) for i in range(40))
+    assert default.content_version == "shapes/2"  # caches built before `shapes` and `colors` existed stay valid
+    extended = ShapesDataset(450, 32, seed=3, shapes=(*SHAPES, "cross"), colors=(*COLORS, "pink"))
+    items = [extended[i] for i in range(450)]
+    crosses = [item for item in items if item["attributes"]["shape"] == "cross"]
+    pinks = [item for item in items if item["attributes"]["color"] == "pink"]
+    assert 80 <= len(crosses) <= 145  # a quarter of 450, give or take three binomial s.e.
+    assert 25 <= len(pinks) <= 75  # a ninth of 450, likewise
+    assert all(" cross" in item["caption"] for item in crosses) and all("pink" in item["caption"] for item in pinks)
+    assert any(item["attributes"]["background"] == "pink" for item in items)
+    pink = np.array(COLOR_RGB["pink"], dtype=np.float32) / 127.5 - 1
+    for item in pinks[:5]:  # the shape's pixels are pink
+        pixels = item["pixel_values"].permute(1, 2, 0).reshape(-1, 3).numpy()
+        assert (np.abs(pixels - pink).max(1) < 1e-6).sum() >= 4
+    assert extended.content_version != default.content_version
+
+
+@pytest.mark.parametrize(
+    ("kind", "chosen"),
+    [
+        ("shapes", ("circle", "hexagon")),
+        ("shapes", ("circle",)),
+        ("shapes", ("circle", "circle")),
+        ("colors", ("red", "teal")),
+    ],
+)
+def test_bad_shape_and_colour_sets_are_refused_by_name(kind, chosen):
+    with pytest.raises(ValueError, match=kind):
+        ShapesDataset(4, 32, **{kind: chosen})
 
 
 @pytest.mark.parametrize("bad", [{"num_samples": 0}, {"resolution": 4}, {"split": "test"}])
