@@ -82,6 +82,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
+        if prefix and str(err).startswith(f"{prefix}."):  # the message names its whole key already
+            raise ConfigError(f"{source}: {err}") from err
         raise ConfigError(f"{source}: {prefix or 'config'}: {err}") from err
 
 

@@ -25,6 +25,7 @@ DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws id
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from ldm.diffusion import (
 from ldm.diffusion.samplers import SampleOutput, StepCallback
 from ldm.diffusion.thresholding import Threshold
 from ldm.images import to_numpy, to_pil
+from ldm.lora_weights import load_unet_lora
 from ldm.model_folder import (
     SamplingDefaults,
     check_model_folder,
@@ -131,6 +133,7 @@ class LatentDiffusionPipeline:
         self.noise_schedule = noise_schedule
         self.diffusion = noise_schedule.build().to(unet.device)
         self.defaults = defaults or SamplingDefaults()
+        self.lora_scales: dict[str, float] = {}  # the loaded U-Net LoRA adapters and their scales
 
     # ---- sizes ---------------------------------------------------------------------------------------
 
@@ -225,6 +228,23 @@ class LatentDiffusionPipeline:
             text_encoder = TextEncoder.from_pretrained(folder, max_length=text_positions(folder), variant=variant)
         pipe = cls(vae, text_encoder, unet, read_scheduler_config(folder), SamplingDefaults.load(folder))
         return pipe.to(device, torch_dtype)
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Add a U-Net LoRA adapter, W x + scale (alpha / r) B A x, from diffusers' `pytorch_lora_weights.safetensors`
+        (the file, or a folder holding it; see `ldm.lora_weights`); several adapters add up. Returns its name."""
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: must be a finite number, got {scale}")
+        name = load_unet_lora(self.unet, path, adapter_name)
+        self.lora_scales[name] = float(scale)
+        self.unet.set_adapters(list(self.lora_scales), list(self.lora_scales.values()))
+        self.unet.requires_grad_(False)  # the new adapter's weights are for inference too
+        return name
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA adapter: the U-Net is the folder's again."""
+        if self.lora_scales:
+            self.unet.unload_lora()
+        self.lora_scales = {}
 
     # ---- sampling ------------------------------------------------------------------------------------
 

@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffusers import UNet2DConditionModel
+
+# diffusers' train_text_to_image_lora.py adapts the attention projections of every transformer block.
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+@dataclass
+class LoRAConfig:
+    """A low-rank adapter on the U-Net (Hu et al. 2021): W x + (alpha / rank) B A x, with A (rank, in) and
+    B (out, rank) trained and W frozen. B starts at 0, so training starts from the base model exactly.
+
+    `target_modules` are module names (or name suffixes, as peft matches them) of the linear layers adapted;
+    `alpha` None means alpha = rank (scale 1).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"unet.lora.rank: must be >= 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"unet.lora.alpha: must be > 0 (or null for alpha = rank), got {self.alpha}")
+        if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
+            raise ValueError(
+                f"unet.lora.target_modules: needs module names, e.g. {list(DEFAULT_LORA_TARGETS)}; "
+                f"got {self.target_modules!r}"
+            )
+
+    @property
+    def resolved_alpha(self) -> float:
+        """alpha, with None resolved to the rank."""
+        return float(self.rank if self.alpha is None else self.alpha)
 
 
 @dataclass
@@ -19,6 +52,7 @@ class UNetConfig:
     """
 
     pretrained: str | None = None
+    variant: str | None = None  # weights file variant of `pretrained`, e.g. "fp16" for *.fp16.safetensors
     block_out_channels: tuple[int, ...] = (64, 128)
     cross_attention: tuple[bool, ...] = (True, True)
     layers_per_block: int = 1
@@ -29,8 +63,12 @@ class UNetConfig:
     # addition_embed_type="text"): a global path for what is true of the whole image (colours, shape, size,
     # where the object is), beside the per-position path of cross-attention.
     pooled_text: bool = False
+    # Train a low-rank adapter instead of the U-Net's weights (meant for a `pretrained` U-Net; see LoRAConfig).
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.variant is not None and not self.pretrained:
+            raise ValueError(f"variant: {self.variant!r} names weight files of `pretrained`, which is not set")
         if not self.block_out_channels:
             raise ValueError("block_out_channels: needs at least one width, e.g. [320, 640, 1280, 1280]")
         if len(self.cross_attention) != len(self.block_out_channels):
@@ -62,7 +100,9 @@ def build_unet(
     pretrained U-Net is checked against these sizes, since a mismatch would only fail deep in a forward.
     """
     if cfg.pretrained:
-        unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(
+            cfg.pretrained, subfolder="unet", use_safetensors=True, variant=cfg.variant
+        )
         expected = {"in_channels": in_channels, "out_channels": out_channels}
         expected["cross_attention_dim"] = cross_attention_dim
         wrong = {k: (unet.config[k], v) for k, v in expected.items() if unet.config[k] != v}

@@ -52,6 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prompts", nargs="*", metavar="PROMPT", help="text prompt(s); with --prompt-embeds they only name the files"
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--lora",
+        default=None,
+        metavar="PATH",
+        help="apply this U-Net LoRA adapter: pytorch_lora_weights.safetensors (diffusers' format) or its folder",
+    )
+    parser.add_argument(
+        "--lora-scale", type=float, default=None, metavar="S", help="with --lora: its strength (default: 1)"
+    )
     parser.add_argument("--negative-prompt", default=None, help="guide away from this text instead of ''")
     add_sampler_arguments(parser)
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise, 0 = deterministic (default: folder's)")
@@ -151,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     try:  # a bad folder or option is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
+        if args.lora is not None:
+            apply_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
         # The settings are resolved (and passed whole) before the call, so the size x_T implies is taken here
         # as the pipeline takes it: `ldm invert` of an image of another size writes such latents.
         height, width = args.height, args.width
@@ -187,6 +198,10 @@ def check_options(args: argparse.Namespace) -> None:
 
     if not args.prompts and args.prompt_embeds is None:
         raise CommandError("PROMPT: give at least one prompt, or --prompt-embeds FILE")
+    if args.lora_scale is not None and args.lora is None:
+        raise CommandError("--lora-scale: needs --lora (the adapter it scales)")
+    if args.lora is not None and not Path(args.lora).exists():
+        raise CommandError(f"--lora: {args.lora} does not exist")
     if args.prompt_embeds is not None and args.negative_prompt is not None:
         raise CommandError("--negative-prompt: not with --prompt-embeds; put 'negative_prompt_embeds' in its file")
     if args.scheduler is not None:
@@ -211,6 +226,16 @@ def check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"--static-threshold: must be > 0, got {args.static_threshold}")
     if args.dynamic_threshold is not None and not 0 < args.dynamic_threshold <= 1:
         raise CommandError(f"--dynamic-threshold: must be in (0, 1], got {args.dynamic_threshold}")
+
+
+def apply_lora(pipe: LatentDiffusionPipeline, path: str, scale: float) -> None:
+    """Load the --lora adapter into `pipe`'s U-Net at `scale`; CommandError naming the flag when it does not fit."""
+    from ldm.commands import CommandError
+
+    try:
+        pipe.load_lora_weights(path, scale=scale)
+    except (OSError, ValueError, RuntimeError) as err:  # no adapter file, not safetensors, not this U-Net's layers
+        raise CommandError(f"--lora: {err}") from err
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:

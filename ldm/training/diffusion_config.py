@@ -3,16 +3,20 @@ process, the loss, the optimization and the validation samples. Defaults are the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from conditioning import TextEncoderConfig
 from ldm.data import DataConfig
 from ldm.diffusion.losses import MIN_SNR_OF
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS
-from ldm.model_folder import SamplingDefaults, vae_downsampling_factor
+from ldm.model_folder import SCHEDULER_CONFIG, SamplingDefaults, read_scheduler_config, vae_downsampling_factor
 from ldm.noise_schedule import NoiseScheduleConfig
 from ldm.training.config import TrainConfig
 from ldm.unet import UNetConfig
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_VALIDATION_PROMPTS = [
     "a red circle on a white background",
@@ -133,6 +137,7 @@ class DiffusionExperimentConfig:
     or any folder or hub id with a `vae/` subfolder, such as a Stable Diffusion pipeline)."""
 
     autoencoder: str = "runs/autoencoder/vae"
+    autoencoder_variant: str | None = None  # weights variant of `autoencoder`, e.g. "fp16"
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=_cpu_text_encoder)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -154,6 +159,27 @@ class DiffusionExperimentConfig:
                 f"{self.unet.downsampling_factor} ({len(self.unet.block_out_channels)} levels), so no VAE could "
                 "give it a latent grid it can halve"
             )
+        if self.unet.lora is not None and not self.text_encoder.frozen:
+            raise ValueError(
+                "unet.lora: trains an adapter on a frozen U-Net, but text_encoder.frozen is false, which trains the "
+                "whole text encoder beside it: its weights would be in neither the adapter-only checkpoints nor the "
+                "adapter file. Set text_encoder.frozen: true (or drop unet.lora for full fine-tuning)"
+            )
+        if self.unet.pretrained:
+            warn_if_noise_differs(self.noise, self.unet.pretrained)
+
+
+def warn_if_noise_differs(noise: NoiseScheduleConfig, pretrained: str) -> None:
+    """Log the `noise` keys that differ from the scheduler config of the pretrained folder: fine-tuning with
+    another schedule or prediction is possible (SD 2's 768-v model was fine-tuned from eps to v), but is more
+    often a config copied from elsewhere, and the exported folder samples with `noise`."""
+    path = Path(pretrained) / SCHEDULER_CONFIG
+    if not path.is_file():  # a hub id, or a bare U-Net folder
+        return
+    theirs, ours = asdict(read_scheduler_config(pretrained)), asdict(noise)
+    differing = [f"noise.{k}: {ours[k]!r} (the folder's: {theirs[k]!r})" for k in ours if ours[k] != theirs[k]]
+    if differing:
+        logger.warning("fine-tuning %s with another noise process than its own: %s", pretrained, "; ".join(differing))
 
 
 def latent_grid(resolution: int, vae_factor: int, unet: UNetConfig, where: str = "the VAE") -> int:

@@ -20,9 +20,11 @@ from transformers import CLIPTextModel
 
 from conditioning import TextEncoder
 from ldm.data import build_dataset
+from ldm.data.buckets import use_buckets
 from ldm.data.latent_shards import LatentShardSource
 from ldm.diffusion import GaussianDiffusion, sample_timesteps, training_losses
 from ldm.images import save_image_grid
+from ldm.lora_weights import LORA_WEIGHT_NAME
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.batches import (
     LatentBatches,
@@ -30,6 +32,7 @@ from ldm.training.batches import (
     cacheable,
     collate_for,
     require_captions,
+    size_multiple,
     use_latent_shards,
 )
 from ldm.training.denoiser import Denoiser
@@ -37,6 +40,7 @@ from ldm.training.diffusion_config import DiffusionExperimentConfig, latent_grid
 from ldm.training.distributed import is_sharded, prepare_loader
 from ldm.training.ema import EMA
 from ldm.training.loaders import make_loader
+from ldm.training.lora import LoRACheckpoint, add_lora, check_lora, fused_unet, parameter_counts, save_adapter
 from ldm.training.runtime import TrainLoop, Update, start_run
 from ldm.unet import build_unet
 
@@ -60,6 +64,7 @@ def train_diffusion(
     dataset = build_dataset(cfg.data, "train")
     require_captions(dataset)
     nets = build_networks(cfg, accelerator.device)
+    dataset = use_buckets(dataset, cfg.data, size_multiple(nets.vae, cfg.unet))  # as is without data.buckets
     cache_dir = (Path(tc.cache_dir) if tc.cache_dir else out / "cache") if cacheable(cfg, dataset) else None
     dataset, unconditional, cache_seconds = build_train_dataset(
         dataset, nets.vae, nets.text_encoder, cfg.data, cache_dir, accelerator
@@ -85,8 +90,9 @@ class Networks:
 
 
 def build_networks(cfg: DiffusionExperimentConfig, device: torch.device) -> Networks:
-    """The VAE from cfg.autoencoder, the text encoder and a fresh (or pretrained) U-Net sized for their outputs."""
-    vae = load_vae(cfg.autoencoder).to(device).eval().requires_grad_(False)
+    """The VAE from cfg.autoencoder, the text encoder and a fresh (or pretrained) U-Net sized for their outputs;
+    with `unet.lora`, the U-Net frozen under a trainable adapter."""
+    vae = load_vae(cfg.autoencoder, cfg.autoencoder_variant).to(device).eval().requires_grad_(False)
     text_encoder = TextEncoder.from_config(cfg.text_encoder).to(device)
     # The same random init on every process whatever its rank: DDP would broadcast rank 0's weights anyway, but
     # FSDP keeps each process's own shard, which must then come from the same draw.
@@ -99,6 +105,8 @@ def build_networks(cfg: DiffusionExperimentConfig, device: torch.device) -> Netw
             cross_attention_dim=text_encoder.hidden_size,
             sample_size=latent_size(cfg, vae),
         )
+    if cfg.unet.lora is not None:
+        add_lora(unet, cfg.unet.lora, cfg.train.seed)  # before compiling: peft replaces the adapted layers
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.train.compile:
@@ -122,8 +130,12 @@ class DiffusionStage:
         cache_report: dict[str, Any],
     ) -> None:
         tc, device = cfg.train, accelerator.device
+        check_lora(cfg.unet.lora, accelerator)  # before `prepare` shards anything
         self.cfg, self.accelerator, self.nets, self.to_latents = cfg, accelerator, nets, to_latents
         self.pipeline_dir, self.cache_report = pipeline_dir, cache_report  # the export reports the cache
+        # Fixed by name now: sampling switches the U-Net's gradients off, and only these come back on.
+        self.trainable = {name for name, p in nets.denoiser.named_parameters() if p.requires_grad}
+        self.parameter_counts = parameter_counts(nets.denoiser)  # reported by the export
         self.diffusion = cfg.noise.build()
         optimizer = torch.optim.AdamW(
             [p for p in nets.denoiser.parameters() if p.requires_grad],
@@ -139,6 +151,8 @@ class DiffusionStage:
         self.ema_to_save: EMA | None = None  # the whole average, gathered by `gather_ema` for `save_state`
         if self.ema is not None:
             accelerator.register_save_state_pre_hook(self.gather_ema)
+        if cfg.unet.lora is not None:  # checkpoints hold the adapter, not the frozen base
+            LoRACheckpoint(accelerator, nets.denoiser, nets.unet)
 
     def updates(self, batch: Any, step: int) -> Iterator[Update]:
         """The U-Net's update on fresh latents z ~ q(z | x) and the captions after dropout."""
@@ -157,7 +171,12 @@ class DiffusionStage:
         with self.averaged_denoiser() as denoiser:
             if denoiser is not None:
                 write_validation_grid(self.pipeline(denoiser), self.cfg, path)
-        self.nets.denoiser.train().unet.requires_grad_(True)  # the pipeline put the U-Net in inference mode
+        self.restore_training_mode()  # the pipeline put the U-Net in inference mode
+
+    def restore_training_mode(self) -> None:
+        """The denoiser in train mode, with gradients for exactly the weights that train (not a frozen base)."""
+        for name, parameter in self.nets.denoiser.train().named_parameters():
+            parameter.requires_grad_(name in self.trainable)
 
     def gather_ema(self, *_: Any) -> None:
         """accelerate's save_state pre-hook, run on every process: the EMA made whole for `save_state`, which the
@@ -178,15 +197,26 @@ class DiffusionStage:
 
     def export(self, output_dir: Path) -> dict[str, Any]:
         """The model folder with the EMA weights, and a last grid drawn from them. Under FSDP every process calls
-        this (the weights are gathered) and the main process writes."""
+        this (the weights are gathered) and the main process writes.
+
+        With `unet.lora`, also the adapter alone, as OUTPUT_DIR/lora/pytorch_lora_weights.safetensors (diffusers'
+        format: `StableDiffusionPipeline.load_lora_weights` and `LatentDiffusionPipeline.load_lora_weights` read
+        it); the model folder's U-Net is then a plain one with the adapter merged into its weights."""
+        lora_dir = output_dir / "lora"
         with self.averaged_denoiser() as denoiser:
             if denoiser is not None:
+                if self.cfg.unet.lora is not None:
+                    save_adapter(denoiser.unet, lora_dir)
+                    denoiser = Denoiser(fused_unet(denoiser.unet))  # the text encoder is frozen under LoRA
                 pipeline = self.pipeline(denoiser)
                 pipeline.text_encoder.set_frozen(True)  # trained or not, the exported encoder is for inference
                 pipeline.save_pretrained(self.pipeline_dir)
                 write_validation_grid(pipeline, self.cfg, output_dir / "samples" / "final.png")
         ema_updates = self.ema.num_updates if self.ema is not None else 0
-        return {"ema_updates": ema_updates, **self.cache_report, "pipeline": str(self.pipeline_dir)}
+        exported = {"ema_updates": ema_updates, **self.cache_report, "pipeline": str(self.pipeline_dir)}
+        if self.cfg.unet.lora is not None:
+            exported["lora"] = str(lora_dir / LORA_WEIGHT_NAME)
+        return exported | self.parameter_counts
 
     @contextlib.contextmanager
     def averaged_denoiser(self) -> Iterator[Denoiser | None]:
@@ -265,22 +295,23 @@ def write_validation_grid(pipeline: LatentDiffusionPipeline, cfg: DiffusionExper
     save_image_grid(images, path, rows=len(vc.prompts), scale=max(1, 64 // images[0].size[0]))  # small tiles enlarged
 
 
-def load_vae(path: str) -> AutoencoderKL:
-    """A diffusers AutoencoderKL from a VAE folder (config.json at the top), a folder with vae/, or a hub id."""
+def load_vae(path: str, variant: str | None = None) -> AutoencoderKL:
+    """A diffusers AutoencoderKL from a VAE folder (config.json at the top), a folder with vae/, or a hub id;
+    `variant` picks weights such as diffusion_pytorch_model.fp16.safetensors."""
     folder = Path(path)
     if folder.is_dir():
         if (folder / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+            return AutoencoderKL.from_pretrained(folder, variant=variant, use_safetensors=True)
         if (folder / "vae" / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+            return AutoencoderKL.from_pretrained(folder, subfolder="vae", variant=variant, use_safetensors=True)
         raise FileNotFoundError(f"autoencoder: {path} holds neither config.json nor vae/config.json")
     if path.startswith((".", "/")) or path.count("/") != 1:  # a local path, not an "owner/name" hub id
         raise FileNotFoundError(f"autoencoder: {path} does not exist; train stage 1 first (ldm train-autoencoder)")
     # A bare VAE repository (e.g. stabilityai/sd-vae-ft-mse), else a whole pipeline repository.
     try:
-        return AutoencoderKL.from_pretrained(path, use_safetensors=True)
+        return AutoencoderKL.from_pretrained(path, variant=variant, use_safetensors=True)
     except OSError:
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, use_safetensors=True)
 
 
 def latent_size(cfg: DiffusionExperimentConfig, vae: AutoencoderKL) -> int:
