@@ -39,6 +39,7 @@ class EvaluationConfig:
     seed: int = 0
     clip_model: str | None = None  # a local CLIPModel folder: enables the CLIP score
     inception_weights: str | None = None  # torch-fidelity's Inception .pth: enables FID and rFID
+    variant: str | None = None  # the weight files to load (e.g. fp16: *.fp16.safetensors)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self) -> None:
@@ -56,7 +57,7 @@ def evaluate_model(
     """Write OUT/metrics.json, OUT/report.md, the sweep plots and a sample grid; return the metrics."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = LatentDiffusionPipeline.from_pretrained(model_dir, device=device)
+    pipeline = LatentDiffusionPipeline.from_pretrained(model_dir, device=device, variant=cfg.variant)
     resolution = pipeline.default_size
     metrics: dict[str, Any] = {
         "model": str(model_dir),

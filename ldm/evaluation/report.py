@@ -34,17 +34,7 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "",
         "## Autoencoder (held-out shapes)",
         "",
-        "| PSNR | SSIM | LPIPS | KL (nats/img) | latent mean | latent std | rFID |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        "| {psnr:.2f} dB | {ssim:.4f} | {lpips} | {kl:.1f} | {mean:.3f} | {std:.3f} | {rfid} |".format(
-            psnr=ae["psnr"],
-            ssim=ae["ssim"],
-            lpips=_maybe(ae.get("lpips")),
-            kl=ae["kl"],
-            mean=ae["latent_mean"],
-            std=ae["latent_std"],
-            rfid=_maybe(ae.get("rfid")),
-        ),
+        autoencoder_table(ae),
         "",
         f"{ae['num_images']} held-out images. {_unavailable(ae)}",
         "",
@@ -74,13 +64,7 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "",
         "## Variational bound on held-out latents",
         "",
-        "{bpd:.4f} bits per latent dimension (prior term {prior:.2e}) over {n} latents, conditioned on their "
-        "captions, T = {t} timesteps, continuous Gaussian decoder.".format(
-            bpd=metrics["bound"]["bits_per_dim"],
-            prior=metrics["bound"]["prior_bits_per_dim"],
-            n=metrics["bound"]["num_latents"],
-            t=metrics["bound"]["timesteps"],
-        ),
+        bound_line(metrics["bound"]),
         "",
         "## With pretrained models",
         "",
@@ -92,6 +76,106 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "![novel combinations: fidelity vs guidance](compositional_fidelity_vs_guidance.png)",
         "",
     ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def autoencoder_table(ae: dict[str, Any]) -> str:
+    """The autoencoder's held-out metrics as a one-row Markdown table."""
+    return "\n".join(
+        [
+            "| PSNR | SSIM | LPIPS | KL (nats/img) | latent mean | latent std | rFID |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| {psnr:.2f} dB | {ssim:.4f} | {lpips} | {kl:.1f} | {mean:.3f} | {std:.3f} | {rfid} |".format(
+                psnr=ae["psnr"],
+                ssim=ae["ssim"],
+                lpips=_maybe(ae.get("lpips")),
+                kl=ae["kl"],
+                mean=ae["latent_mean"],
+                std=ae["latent_std"],
+                rfid=_maybe(ae.get("rfid")),
+            ),
+        ]
+    )
+
+
+def bound_line(bound: dict[str, Any]) -> str:
+    """The variational bound in one sentence, with what it was computed over."""
+    return (
+        "{bpd:.4f} bits per latent dimension (prior term {prior:.2e}) over {n} latents, conditioned on their "
+        "captions, T = {t} timesteps, continuous Gaussian decoder.".format(
+            bpd=bound["bits_per_dim"], prior=bound["prior_bits_per_dim"], n=bound["num_latents"], t=bound["timesteps"]
+        )
+    )
+
+
+def sampling_line(sampling: dict[str, Any], seed: int) -> str:
+    """The sampling settings every generated image was drawn with, in one sentence."""
+    karras = ", Karras noise levels" if sampling["karras_sigmas"] else ""
+    return (
+        "Generated images are drawn with the model folder's default sampling settings: "
+        f"{sampling['sampler']} {sampling['num_inference_steps']} steps, w = {sampling['guidance_scale']:g}, "
+        f"eta {sampling['eta']:g}{karras}, at {sampling['height']}x{sampling['width']} pixels, seed {seed}."
+    )
+
+
+def write_data_report(metrics: dict[str, Any], path: Path) -> None:
+    """report.md of `ldm evaluate --data`: every number of metrics.json, with the data and settings behind it."""
+    ae, generated = metrics["autoencoder"], metrics["generated"]
+    kid = generated.get("kid_mean")
+    kid_cell = "unavailable" if kid is None else f"{kid:.5f} ± {generated['kid_std']:.5f}"
+    lines = [
+        f"# Evaluation of `{metrics['model']}` on held-out data",
+        "",
+        f"Data: {metrics['data']['description']}; {metrics['data']['num_images']} held-out images "
+        f"({metrics['data']['empty_captions']} without a caption).",
+        "",
+        f"Machine: {metrics['machine']}",
+        "",
+        sampling_line(metrics["sampling"], metrics["settings"]["seed"]),
+        "",
+        "## Autoencoder (held-out images)",
+        "",
+        autoencoder_table(ae),
+        "",
+        f"{ae['num_images']} held-out images. {_unavailable(ae)}",
+        "",
+        "## Variational bound on held-out latents",
+        "",
+        bound_line(metrics["bound"]),
+        "",
+        "## Generated images against held-out images",
+        "",
+        f"One image for each of {generated['num_images']} held-out captions, against the real held-out images. "
+        "FID is biased upwards on few images (a 2048-dimensional covariance): compare FIDs of equal counts only."
+        if generated["num_images"]
+        else "No images were drawn for this table: none of its metrics has its weights.",
+        "",
+        "| FID | KID (mean ± std over subsets) | CLIP score |",
+        "| --- | --- | --- |",
+        f"| {_maybe(generated.get('fid'))} | {kid_cell} | {_maybe(generated.get('clip_score'))} |",
+        "",
+        *([_unavailable(generated), ""] if generated.get("unavailable") else []),
+        "## Held-out images and what the model draws for their captions",
+        "",
+        f"First column: the real held-out image; then {metrics['grid']['per_caption']} images drawn for its caption. "
+        f"Captions, one per row, in `{metrics['grid']['captions_file']}`.",
+        "",
+        f"![held-out images and generations]({metrics['grid']['file']})",
+        "",
+    ]
+    probe = metrics.get("shapes_probe")
+    if probe is not None:
+        fidelity = probe["default_sampling"]
+        lines += [
+            "## Attribute probe (shapes data)",
+            "",
+            f"{probe['num_prompts']} held-out captions, one image each at {probe['resolution']} px, "
+            f"{fidelity['label']} (the folder's defaults). The probe reads real held-out renderings with: "
+            f"{accuracy_line(probe['probe_heldout_accuracy'])}. Chance: {accuracy_line(probe['chance'])}.",
+            "",
+            fidelity_table([fidelity], "setting"),
+            "",
+        ]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
