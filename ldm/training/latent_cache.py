@@ -17,6 +17,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,10 +43,40 @@ PART_SIZE = 1024  # images per part file
 Encoder = nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 
-class LatentCache(Dataset):
+class CacheFolder:
+    """`load_or_build` for a cache class with a `cache_format`, a `load(folder)` and a `build(...)`."""
+
+    cache_format: str
+
+    @classmethod
+    def load_or_build(
+        cls,
+        folder: str | Path,
+        encode_moments: Encoder,
+        dataset: Dataset,
+        fingerprint: str,
+        batch_size: int = 64,
+        part_size: int = PART_SIZE,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = no_barrier,
+    ) -> Any:
+        """The cache at `folder` when its fingerprint matches, else a fresh one built there (resuming any
+        parts a killed build finished). Every rank decides alike, from the same manifest."""
+        manifest = read_manifest(folder, cls.cache_format)
+        if manifest is not None and manifest["fingerprint"] == fingerprint:  # the manifest alone decides
+            return cls.load(folder)  # type: ignore[attr-defined]
+        if Path(folder).exists():
+            logger.info("%s: made by another VAE or other data settings, or unfinished; (re)building", folder)
+        launch = (rank, world_size, barrier)
+        return cls.build(encode_moments, dataset, folder, fingerprint, batch_size, part_size, *launch)  # type: ignore[attr-defined]
+
+
+class LatentCache(CacheFolder, Dataset):
     """Posterior moments and captions of a fixed dataset; item i is {"moments": (2C, h, w), "caption"}."""
 
     bucket_sizes = None  # not bucketed: every item has the same size
+    cache_format = CACHE_FORMAT
 
     def __init__(self, store: ShardedCache) -> None:
         self.store = store
@@ -91,28 +122,6 @@ class LatentCache(Dataset):
         return cache
 
     @classmethod
-    def load_or_build(
-        cls,
-        folder: str | Path,
-        encode_moments: Encoder,
-        dataset: Dataset,
-        fingerprint: str,
-        batch_size: int = 64,
-        part_size: int = PART_SIZE,
-        rank: int = 0,
-        world_size: int = 1,
-        barrier: Callable[[], None] = no_barrier,
-    ) -> LatentCache:
-        """The cache at `folder` when its fingerprint matches, else a fresh one built there (resuming any
-        parts a killed build finished). Every rank decides alike, from the same manifest."""
-        manifest = read_manifest(folder, CACHE_FORMAT)
-        if manifest is not None and manifest["fingerprint"] == fingerprint:  # the manifest alone decides
-            return cls.load(folder)
-        if Path(folder).exists():
-            logger.info("%s: made by another VAE or other data settings, or unfinished; (re)building", folder)
-        return cls.build(encode_moments, dataset, folder, fingerprint, batch_size, part_size, rank, world_size, barrier)
-
-    @classmethod
     def load(cls, folder: str | Path) -> LatentCache:
         """Open a finished cache."""
         return cls(ShardedCache(folder, CACHE_FORMAT, "latent cache", "build one with LatentCache.build"))
@@ -151,13 +160,15 @@ def write_parts(
     return num_parts
 
 
-class BucketedLatentCache(Dataset):
+class BucketedLatentCache(CacheFolder, Dataset):
     """The latent cache of a bucketed dataset: one `LatentCache` per bucket size, items bucket after bucket.
 
     Item i is {"moments": (2C, h, w), "caption"} at its bucket's latent size; `bucket_of[i]` is its index into
     `bucket_sizes` (the (width, height) pixel sizes of the buckets that hold items), which the loader batches
     by. Like `LatentCache`, it keeps captions and offsets in memory and reads the moments per item.
     """
+
+    cache_format = BUCKETED_FORMAT
 
     def __init__(self, bucket_sizes: list[Size], caches: list[LatentCache], fingerprint: str) -> None:
         self.bucket_sizes, self.caches, self.fingerprint = bucket_sizes, caches, fingerprint
@@ -224,28 +235,6 @@ class BucketedLatentCache(Dataset):
         summary = describe_buckets(cache.bucket_sizes, cache.bucket_of)
         logger.info("cached the latents of %d images in %s; %s", len(cache), folder, summary)
         return cache
-
-    @classmethod
-    def load_or_build(
-        cls,
-        folder: str | Path,
-        encode_moments: Encoder,
-        dataset: Dataset,
-        fingerprint: str,
-        batch_size: int = 64,
-        part_size: int = PART_SIZE,
-        rank: int = 0,
-        world_size: int = 1,
-        barrier: Callable[[], None] = no_barrier,
-    ) -> BucketedLatentCache:
-        """The cache at `folder` when its fingerprint matches, else a fresh one built there (keeping the parts
-        a killed build finished), as `LatentCache.load_or_build` decides."""
-        manifest = read_manifest(folder, BUCKETED_FORMAT)
-        if manifest is not None and manifest["fingerprint"] == fingerprint:
-            return cls.load(folder)
-        if Path(folder).exists():
-            logger.info("%s: made by another VAE or other data settings, or unfinished; (re)building", folder)
-        return cls.build(encode_moments, dataset, folder, fingerprint, batch_size, part_size, rank, world_size, barrier)
 
     @classmethod
     def load(cls, folder: str | Path) -> BucketedLatentCache:
