@@ -1,5 +1,6 @@
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 
 from conditioning import TextEncoderConfig
@@ -11,6 +12,15 @@ from ldm.unet import UNetConfig
 @pytest.fixture(autouse=True)
 def one_thread(one_torch_thread):
     """Every test here runs on one torch thread (tests/conftest.py)."""
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state whose precision cannot change: a test that sets its own
+    precision starts and ends clean (as accelerate's own test cases do)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -136,15 +135,6 @@ def test_a_device_decision_never_waits_for_the_host(accelerator):
         assert isinstance(applied, torch.Tensor) and bool(applied) == (value == 1.0)
     guard.check(2)
     assert (guard.total, guard.streak) == (1, 0)
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; a test that changes its precision starts and ends clean
-    (as accelerate's own test cases do)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])

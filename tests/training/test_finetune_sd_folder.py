@@ -33,6 +33,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.mark.training
+@pytest.mark.usefixtures("fresh_accelerate_state")  # the config's bf16, whatever ran before
 def test_the_sd15_config_fine_tunes_a_downloaded_folder_end_to_end(tmp_path):
     folder = sd_folder(tmp_path)
     out = tmp_path / "run"

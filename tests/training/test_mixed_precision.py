@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import Decoder
 from torch import Tensor, nn
@@ -37,17 +36,9 @@ from ldm.training import train_autoencoder, train_diffusion
 from tests.host_round_trips import HostRoundTrips
 from tests.training.test_train_autoencoder import tiny_config as tiny_autoencoder_config
 
-pytestmark = pytest.mark.training
+pytestmark = [pytest.mark.training, pytest.mark.usefixtures("fresh_accelerate_state")]
 
 SHORT_RUN = {"steps": 4, "log_every": 1, "sample_every": 100, "checkpoint_every": 4, "mixed_precision": "bf16"}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state whose precision cannot change: each run starts and ends clean."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture
