@@ -7,6 +7,8 @@ from typing import Literal
 
 from torch.utils.data import Dataset, IterableDataset
 
+from ldm.data.shapes import COLORS, SHAPES, check_colors, check_shapes
+
 SOURCES = ("shapes", "imagefolder", "webdataset", "latents")
 DATASET_SPLITS = ("train", "heldout")
 
@@ -36,11 +38,9 @@ class DataConfig:
     num_samples: int = 20000
     heldout_samples: int = 1000
     # shapes: the shapes drawn (ldm.data.shapes.SHAPE_KINDS), e.g. add "cross" to fine-tune on a shape never seen.
-    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
     # shapes: the colours of shapes and backgrounds (ldm.data.shapes.COLOR_RGB), e.g. add "pink".
-    colors: list[str] = field(
-        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-    )
+    colors: list[str] = field(default_factory=lambda: list(COLORS))
     # imagefolder / webdataset: where the data lives.
     train_path: str | None = None
     heldout_path: str | None = None
@@ -62,8 +62,6 @@ class DataConfig:
             raise ValueError(f"num_samples: must be positive, got {self.num_samples}")
         if self.heldout_samples <= 0:
             raise ValueError(f"heldout_samples: must be positive, got {self.heldout_samples}")
-        from ldm.data.shapes import check_colors, check_shapes
-
         self.shapes = list(check_shapes(self.shapes))
         self.colors = list(check_colors(self.colors))
         if self.shuffle_buffer < 0:
