@@ -19,6 +19,7 @@ from conditioning.tokenizer import (
     TokenizedPrompts,
     build_clip_tokenizer,
     save_tokenizer,
+    token_count,
     tokenize,
     validate_prompts,
 )
@@ -149,6 +150,10 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: str | Sequence[str]) -> TokenizedPrompts:
         """Token ids (B, L) padded with EOS; prompts over L tokens are truncated with a warning."""
         return tokenize(self.tokenizer, prompts, self.max_length)
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens `prompt` takes, BOS and EOS included; more than `max_length` are truncated when encoding."""
+        return token_count(self.tokenizer, prompt)
 
     def forward(self, prompts: str | Sequence[str]) -> TextEmbeddings:
         """Encode prompts into hidden states (B, L, D) and pooled embeddings (B, D)."""

@@ -134,6 +134,11 @@ def validate_prompts(prompts: object, name: str = "prompts") -> list[str]:
     return list(prompts)
 
 
+def token_count(tokenizer: CLIPTokenizer, prompt: str) -> int:
+    """How many tokens `prompt` takes as `tokenize` encodes it, BOS and EOS included (before any truncation)."""
+    return len(tokenizer(clean_prompt(prompt), add_special_tokens=True, verbose=False)["input_ids"])
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: str | Sequence[str], max_length: int = 77) -> TokenizedPrompts:
     """Token ids (B, max_length): BOS, tokens, EOS, then EOS padding; longer prompts truncated with a warning.
 

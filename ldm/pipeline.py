@@ -25,6 +25,7 @@ DDIMScheduler goes to t - T // n, so only the default `leading` spacing draws id
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,7 +296,7 @@ class LatentDiffusionPipeline:
         the first of them. Inpainting: also `mask_image` (white / 1 = repaint; default strength 1), the known
         region reset at every step, each step redone `resample` times (RePaint's jumps); with `paste_unmasked`
         the decoded image takes the input's pixels outside the mask (`output_type="latent"` is not pasted).
-        `callback(step_index, timestep, latents, pred_x0)` runs after every step.
+        `callback(step, timestep, latents, pred_x0)` runs after every step run, step = 0, 1, ... as in diffusers.
         Invalid arguments raise ValueError naming the argument, before any sampling work.
         """
         if scheduler is not None:
@@ -337,12 +338,13 @@ class LatentDiffusionPipeline:
             self._unet_fn, s.guidance_scale, {"encoder_hidden_states": uncond}, guidance_rescale
         )
         pred_x0: list[torch.Tensor] = []
+        steps_done = itertools.count()  # our samplers pass the chain index, which counts down
 
         def on_step(index: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
             if return_trajectory:
                 pred_x0.append(x0)
             if callback is not None:
-                callback(index, t, x, x0)
+                callback(next(steps_done), t, x, x0)
 
         if scheduler is not None:
             result = sample_with_scheduler(

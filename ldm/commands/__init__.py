@@ -7,7 +7,8 @@ import shlex
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # PIL is imported where an image is opened, so `ldm --help` stays instant
+if TYPE_CHECKING:  # PIL and torch are imported where they are used, so `ldm --help` stays instant
+    import torch
     from PIL.Image import Image
 
 
@@ -40,6 +41,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """--device, for commands that run a model."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available)")
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype, for commands that run a model: the weights' and sampling's precision."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="load the weights in this precision (default: as stored); float16 / bfloat16 halve the memory on a GPU",
+    )
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a --dtype names (None: as stored)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
 
 
 class SamplerChoices:

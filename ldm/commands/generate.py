@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldm.commands import add_device_argument, add_model_arguments, add_sampler_arguments
+from ldm.commands import add_device_argument, add_dtype_argument, add_model_arguments, add_sampler_arguments
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
     from PIL.Image import Image
@@ -140,13 +140,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --mask: keep the decoder's pixels outside the mask instead of the input image's",
     )
     add_device_argument(parser)
+    add_dtype_argument(parser)
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--trajectory", action="store_true", help="also write the x_T -> x_0 strip per prompt")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ldm.commands import CommandError, resolve_device
+    from ldm.commands import CommandError, resolve_device, torch_dtype
     from ldm.pipeline import LatentDiffusionPipeline
     from ldm.pipeline_settings import sides_of_latents
 
@@ -159,7 +160,9 @@ def _run(args: argparse.Namespace) -> int:
     prompts = prompt_names(args.prompts, extra.get("prompt_embeds"), args.prompt_embeds)
     device = resolve_device(args.device)
     try:  # a bad folder or option is the user's to fix: one line, no traceback
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
+        pipe = LatentDiffusionPipeline.from_pretrained(
+            args.model, torch_dtype=torch_dtype(args.dtype), device=device, variant=args.variant
+        )
         if args.lora is not None:
             apply_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
         # The settings are resolved (and passed whole) before the call, so the size x_T implies is taken here

@@ -8,6 +8,11 @@ from ldm.diffusion.gaussian_diffusion import GaussianDiffusion
 from ldm.diffusion.samplers import sampling_chain
 
 
+def sdedit_steps(num_steps: int, strength: float) -> int:
+    """How many of `num_steps` steps image-to-image at `strength` runs: the last int(n strength)."""
+    return int(num_steps * strength)
+
+
 def sdedit_start(
     diffusion: GaussianDiffusion,
     x0: torch.Tensor,
@@ -21,7 +26,7 @@ def sdedit_start(
     """(x_start, start_step) for a sampler of `num_steps` steps that should run only the last int(n strength):
     x_start = sqrt(abar_k) x0 + sqrt(1 - abar_k) noise at the level k of the first step it runs; pass
     start_step to the sampler. strength 1 starts at the chain's top (pure noise when alphabar_T = 0)."""
-    steps_run = int(num_steps * strength)
+    steps_run = sdedit_steps(num_steps, strength)
     if not 1 <= steps_run <= num_steps:
         raise ValueError(f"strength {strength} of {num_steps} steps runs {steps_run} steps; it must run 1 to all")
     chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas).to(x0.device)

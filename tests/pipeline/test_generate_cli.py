@@ -336,3 +336,16 @@ def test_given_embeddings_and_latents_draw_the_prompts_image(model_folder, pipe,
     assert main([*common, "a red circle", *given, "--seed", "0", "--out", str(tmp_path / "given")]) == 0
     image = "000-a-red-circle.png"
     assert (tmp_path / "given" / image).read_bytes() == (tmp_path / "prompt" / image).read_bytes()
+
+
+def test_dtype_loads_the_weights_in_that_precision(model_folder, tmp_path, capsys):
+    """--dtype bfloat16 draws what the pipeline loaded in bfloat16 draws for the seed, not the float32 image."""
+    common = ["generate", "--model", str(model_folder), "a red circle", "--steps", "3", "--seed", "5"]
+    assert main([*common, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    half = LatentDiffusionPipeline.from_pretrained(model_folder, torch_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    expected = half("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(5)).images[0]
+    written = np.asarray(Image.open(tmp_path / "bf16" / "000-a-red-circle.png"))
+    np.testing.assert_array_equal(written, np.asarray(expected))
+    assert main([*common, "--out", str(tmp_path / "fp32")]) == 0
+    assert not np.array_equal(written, np.asarray(Image.open(tmp_path / "fp32" / "000-a-red-circle.png")))

@@ -90,7 +90,7 @@ def test_the_callback_sees_every_step(pipe):
         pipe, PROMPTS, num_inference_steps=4, generator=seed(),
         callback=lambda i, t, x, x0: seen.append((i, t, x.shape, x0.shape)),
     )  # fmt: skip
-    assert [i for i, *_ in seen] == [3, 2, 1, 0]
+    assert [i for i, *_ in seen] == [0, 1, 2, 3]  # steps run, counted up as diffusers counts them
     assert [t for _, t, *_ in seen] == [751, 501, 251, 1]  # leading spacing, steps_offset 1
     assert all(shape == out.shape for *_, shape, _ in seen)
 
@@ -101,8 +101,9 @@ def test_the_callback_sees_every_step(pipe):
 def test_img2img_runs_the_last_strength_share_of_the_steps(pipe):
     steps = []
     pipe(PROMPTS, image=square_image(), strength=0.5, num_inference_steps=10, generator=seed(), progress=False,
-         callback=lambda i, t, x, x0: steps.append(t), output_type="latent")  # fmt: skip
-    assert steps == [401, 301, 201, 101, 1]  # the last 5 of leading spacing's 10 timesteps (offset 1)
+         callback=lambda i, t, x, x0: steps.append((i, t)), output_type="latent")  # fmt: skip
+    # the last 5 of leading spacing's 10 timesteps (offset 1), counted from 0
+    assert steps == [(0, 401), (1, 301), (2, 201), (3, 101), (4, 1)]
 
 
 def test_img2img_at_full_strength_on_zero_terminal_snr_ignores_the_image(v_pipe):
