@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "invert",
     "interpolate",
     "evaluate",
+    "serve",
     "toy",
 )
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Imported by name, never from a computed string: the command set is fixed code, not input.
-    from ldm.commands import evaluate, generate, interpolate, invert, precompute, quickstart, toy, train
+    from ldm.commands import evaluate, generate, interpolate, invert, precompute, quickstart, serve, toy, train
 
     modules = {
         "quickstart": quickstart,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "invert": invert,
         "interpolate": interpolate,
         "evaluate": evaluate,
+        "serve": serve,
         "toy": toy,
     }
     for name in COMMAND_MODULES:

@@ -11,7 +11,7 @@ from ldm.cli import COMMAND_MODULES, main
 def test_help_lists_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    modules = {"quickstart", "train", "precompute", "generate", "invert", "interpolate", "evaluate", "toy"}
+    modules = {"quickstart", "train", "precompute", "generate", "invert", "interpolate", "evaluate", "serve", "toy"}
     assert set(COMMAND_MODULES) == modules
     commands = ("quickstart", "train-autoencoder", "train-diffusion", "precompute-latents", "generate", "evaluate")
     for name in (*commands, "invert", "interpolate", "toy"):
@@ -29,7 +29,7 @@ def test_building_the_command_line_imports_no_heavy_library():
         "import sys\n"
         "from ldm.cli import build_parser\n"
         "build_parser()\n"
-        "print(sorted({'torch', 'diffusers', 'PIL'} & set(sys.modules)))\n"
+        "print(sorted({'torch', 'diffusers', 'PIL', 'fastapi', 'uvicorn'} & set(sys.modules)))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -1,0 +1,206 @@
+"""Load on `ldm serve`: concurrent clients on localhost, latency p50 / p95, images/s, memory before and after.
+
+Each configuration starts the real command (`ldm serve --model M --port 0 --max-batch B`) in its own process,
+warms it up, reads its resident memory (VmRSS), runs `--repeats` rounds of `--clients` clients that each send
+`--requests` requests one after another, and reads the memory again. Every answer is checked: status 200, one
+image, the seed and prompt asked for (so none is lost or handed to another client). `--max-batch 1` against
+the default shows what batching compatible requests buys. A last table times one streamed request with and
+without the denoising preview (the page asks for one every 2 steps), which costs a VAE decode each time.
+
+    PYTHONPATH=. python3 benchmarks/serve_load.py --model runs/quickstart/pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ldm.serve.png import read_generation_settings
+
+PROMPTS = (
+    "a red circle on a white background",
+    "a blue square on a yellow background",
+    "a green triangle on a black background",
+    "a yellow circle on a blue background",
+)
+
+
+@dataclass
+class LoadReport:
+    """What one round of load saw."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, answered requests
+    answered: int = 0  # 200 with the image asked for
+    failures: list[str] = field(default_factory=list)  # anything else: status, lost or mixed-up answers
+    images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies)
+
+    @property
+    def p95(self) -> float:
+        return statistics.quantiles(self.latencies, n=20, method="inclusive")[-1]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+
+def request_body(client: int, index: int, steps: int | None) -> dict:
+    """Request `index` of `client`: its own seed and one of the prompts, so every answer can be told apart."""
+    body = {"prompt": PROMPTS[(client + index) % len(PROMPTS)], "seed": client * 10_000 + index}
+    return body | ({"num_inference_steps": steps} if steps is not None else {})
+
+
+def run_load(url: str, clients: int, requests_per_client: int, steps: int | None = None) -> LoadReport:
+    """`clients` threads each send `requests_per_client` requests to POST /v1/generate, one after another."""
+    report = LoadReport()
+    lock = threading.Lock()
+
+    def client_loop(client: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for index in range(requests_per_client):
+                body = request_body(client, index, steps)
+                began = time.perf_counter()
+                answer = http.post("/v1/generate", json=body)
+                latency = time.perf_counter() - began
+                problem = check_answer(answer, body)
+                with lock:
+                    if problem:
+                        report.failures.append(f"client {client} request {index}: {problem}")
+                    else:
+                        report.answered += 1
+                        report.images += 1
+                        report.latencies.append(latency)
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def streamed_seconds(url: str, preview_every: int, steps: int | None) -> float:
+    """Seconds for one request on POST /v1/generate/stream, to its `done` event, with previews every
+    `preview_every` steps (0: none)."""
+    body = request_body(0, 0, steps) | {"preview_every": preview_every}
+    began = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/generate/stream", json=body, timeout=600) as answer:
+        events = [line for line in answer.iter_lines() if line.startswith("event: ")]
+    if events[-1] != "event: done":
+        raise RuntimeError(f"the stream ended with {events[-1]!r}, not done")
+    return time.perf_counter() - began
+
+
+def check_answer(answer: httpx.Response, body: dict) -> str | None:
+    """What is wrong with the answer to `body`, or None."""
+    if answer.status_code != 200:
+        return f"status {answer.status_code}: {answer.text[:200]}"
+    images = answer.json()["images"]
+    if len(images) != 1 or images[0]["seed"] != body["seed"]:
+        return f"asked for seed {body['seed']}, got {[image['seed'] for image in images]}"
+    settings = read_generation_settings(base64.b64decode(images[0]["png_base64"]))
+    if (settings["prompt"], settings["seed"]) != (body["prompt"], body["seed"]):
+        return f"the PNG says {settings['prompt']!r} seed {settings['seed']}, asked for {body}"
+    return None
+
+
+def resident_mb(pid: int) -> float:
+    """The process's resident memory now (VmRSS), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+    """`ldm serve` on a free port; returns the process and its URL once it answers /v1/health."""
+    command = ["ldm", "serve", "--model", model, "--port", "0", "--max-batch", str(max_batch), "--max-queue", "64"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(r"(http://\S+?)/?$", line.strip())
+    if match is None:
+        process.kill()
+        raise RuntimeError(f"ldm serve printed {line!r}, not its URL")
+    url = match.group(1)
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/v1/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"ldm serve at {url} did not answer /v1/health")
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=20, help="per client")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 1], help="--max-batch values to compare")
+    args = parser.parse_args()
+
+    print(f"{args.clients} clients x {args.requests} requests, {args.repeats} rounds per row; min / median / max")
+    print("| --max-batch | p50 latency (s) | p95 latency (s) | images/s | answered | lost | RSS before -> after (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    failed = False
+    for max_batch in args.batches:
+        process, url = start_server(args.model, max_batch)
+        try:
+            run_load(url, args.clients, 2, args.steps)  # warm-up: first calls build kernels and caches
+            before = resident_mb(process.pid)
+            reports = [run_load(url, args.clients, args.requests, args.steps) for _ in range(args.repeats)]
+            after = resident_mb(process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        asked = args.clients * args.requests * args.repeats
+        answered = sum(r.answered for r in reports)
+        print(
+            f"| {max_batch} | {spread([r.p50 for r in reports])} | {spread([r.p95 for r in reports])} "
+            f"| {spread([r.images_per_second for r in reports])} | {answered} / {asked} | {asked - answered} "
+            f"| {before:.0f} -> {after:.0f} |",
+            flush=True,
+        )
+        for report in reports:
+            for failure in report.failures[:5]:
+                print(f"  {failure}", file=sys.stderr)
+        failed |= answered != asked
+
+    print(f"\none streamed request at a time, {args.repeats * 3} requests per row; seconds min / median / max")
+    print("| preview_every | seconds per request |")
+    print("|---|---|")
+    process, url = start_server(args.model, max_batch=1)
+    try:
+        streamed_seconds(url, 0, args.steps)  # warm-up
+        for every in (0, 2):
+            seconds = [streamed_seconds(url, every, args.steps) for _ in range(args.repeats * 3)]
+            print(f"| {every} | {spread(seconds, 3)} |", flush=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""A request body checked against the model and the server's limits, and turned into a `GenerationSpec`.
+
+Everything a request can get wrong is found here, before it is queued: each failure is a `RequestError`
+with an HTTP status, a code and the field at fault, so the client reads what to change and the worker only
+ever sees requests it can run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import secrets
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from ldm.diffusion.sdedit import sdedit_steps
+from ldm.pipeline import LatentDiffusionPipeline, SamplingSettings
+from ldm.pipeline_inputs import image_batch
+from ldm.pipeline_settings import editing_strength, sized_like
+from ldm.serve.schema import SEED_RANGE, GenerateRequest
+
+# pydantic error types -> our codes; anything else is invalid_value.
+ERROR_CODES = {
+    "extra_forbidden": "unknown_field",
+    "missing": "missing_field",
+    "greater_than": "out_of_range",
+    "greater_than_equal": "out_of_range",
+    "less_than": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "json_invalid": "invalid_json",
+}
+FIELDS = tuple(GenerateRequest.model_fields)
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of the server, and how much work it holds at once."""
+
+    max_steps: int = 200
+    max_side: int | None = None  # None: 4x the model's default size
+    max_images: int = 8  # per request
+    max_batch: int = 8  # images sampled together in one pipeline call
+    max_queue: int = 32  # requests waiting; one more is answered 429
+    max_body_bytes: int = 8 * 2**20  # a 1024^2 PNG as base64 fits
+    max_prompt_chars: int = 2000  # before tokenizing, which costs time per character
+
+    def side_limit(self, pipe: LatentDiffusionPipeline) -> int:
+        return self.max_side or 4 * pipe.default_size
+
+
+class RequestError(Exception):
+    """A request the client must change: HTTP `status`, a `code`, the `field` at fault and a message."""
+
+    def __init__(self, status: int, code: str, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.field, self.message = status, code, field, message
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "field": self.field, "message": self.message}}
+
+
+@dataclass
+class GenerationSpec:
+    """One checked request: what the worker runs. Image i is drawn with seeds[i]."""
+
+    prompt: str
+    negative_prompt: str | None
+    settings: SamplingSettings
+    seeds: list[int]
+    image: torch.Tensor | None  # (1, 3, H, W) in [0, 1]
+    strength: float | None
+    preview_every: int
+
+    @property
+    def steps_run(self) -> int:
+        """Sampler steps per image: all, or image to image's last share of them."""
+        steps = self.settings.num_inference_steps
+        return steps if self.image is None else sdedit_steps(steps, self.strength)
+
+    @property
+    def batch_key(self) -> SamplingSettings | None:
+        """Requests with equal keys are sampled in one call; None: alone. Only deterministic text-to-image
+        batches, because there each image depends on its own x_T alone, so batching cannot change it."""
+        if self.settings.stochastic or self.image is not None:
+            return None
+        return self.settings
+
+    def settings_json(self, seed: int) -> dict:
+        """The request body that draws the image of `seed` again, every default filled in."""
+        body = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, **asdict(self.settings)}
+        body |= {"seed": seed, "num_images_per_prompt": 1}
+        if self.image is not None:
+            body["strength"] = self.strength
+        return body
+
+
+def parse_body(raw: bytes) -> GenerateRequest:
+    """The JSON body as a GenerateRequest, or a RequestError naming what is wrong (and where in the JSON)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, "invalid_json", None, f"the body is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise RequestError(400, "invalid_json", None, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from err
+
+
+def validation_error(err: ValidationError) -> RequestError:
+    """The first of pydantic's errors as a RequestError (422) naming the field."""
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else None
+    code = ERROR_CODES.get(first["type"], "invalid_value")
+    if code == "unknown_field":
+        message = f"{field}: is not a field of this request; the fields are {', '.join(FIELDS)}"
+    else:
+        message = f"{field}: {first['msg']}, got {first.get('input')!r}"
+    return RequestError(422, code, field, message)
+
+
+def resolve_request(request: GenerateRequest, pipe: LatentDiffusionPipeline, limits: ServeLimits) -> GenerationSpec:
+    """Check `request` against the model and `limits`; every default resolved, the seed drawn when unset."""
+    for field in ("prompt", "negative_prompt"):
+        check_prompt(getattr(request, field), field, pipe, limits)
+    if request.num_images_per_prompt > limits.max_images:
+        raise RequestError(
+            422,
+            "too_many_images",
+            "num_images_per_prompt",
+            f"num_images_per_prompt: at most {limits.max_images} per request, got {request.num_images_per_prompt}",
+        )
+    if request.num_inference_steps is not None and request.num_inference_steps > limits.max_steps:
+        raise out_of_range("num_inference_steps", f"at most {limits.max_steps}", request.num_inference_steps)
+    side_limit = limits.side_limit(pipe)
+    for field in ("height", "width"):
+        value = getattr(request, field)
+        if value is not None and value > side_limit:
+            raise out_of_range(field, f"at most {side_limit} pixels on this server", value)
+    pixels = decode_image(request.image, side_limit) if request.image is not None else None
+    try:
+        settings = pipe.resolve_settings(
+            request.guidance_scale,
+            request.num_inference_steps,
+            request.sampler,
+            request.eta,
+            request.height,
+            request.width,
+            request.karras_sigmas,
+        )
+        strength = None
+        if pixels is not None:
+            settings = sized_like(settings, pipe.geometry, pixels, request.height, request.width)
+            strength = editing_strength(True, request.strength, None, 1, True, settings.num_inference_steps)
+        elif request.strength is not None:
+            editing_strength(False, request.strength, None, 1, True, settings.num_inference_steps)
+    except ValueError as err:  # the pipeline's messages start with the argument's name
+        raise pipeline_error(err) from err
+    seed = secrets.randbelow(SEED_RANGE[1] + 1) if request.seed is None else request.seed
+    return GenerationSpec(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        settings=settings,
+        seeds=[seed + i for i in range(request.num_images_per_prompt)],
+        image=pixels,
+        strength=strength,
+        preview_every=request.preview_every,
+    )
+
+
+def check_prompt(prompt: str | None, field: str, pipe: LatentDiffusionPipeline, limits: ServeLimits) -> None:
+    """A prompt longer than the text encoder reads would be cut silently; here it is refused by name."""
+    if prompt is None:
+        return
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError(
+            422, "prompt_too_long", field, f"{field}: {len(prompt)} characters; at most {limits.max_prompt_chars}"
+        )
+    tokens, limit = pipe.text_encoder.token_count(prompt), pipe.text_encoder.max_length
+    if tokens > limit:
+        raise RequestError(
+            422,
+            "prompt_too_long",
+            field,
+            f"{field}: {tokens} tokens (with BOS and EOS); the text encoder reads {limit}, so shorten it",
+        )
+
+
+def decode_image(data: str, side_limit: int) -> torch.Tensor:
+    """A base64 PNG / JPEG (or data: URL) as a (1, 3, H, W) tensor in [0, 1]; sides at most `side_limit`."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(422, "invalid_value", "image", f"image: is not base64 ({err})") from err
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if max(image.size) > side_limit:
+                raise out_of_range("image", f"sides of at most {side_limit} pixels", f"{image.width}x{image.height}")
+            pixels = image_batch(image.convert("RGB"))
+    except (OSError, Image.DecompressionBombError) as err:
+        message = f"image: is not a PNG or JPEG image PIL can read ({err})"
+        raise RequestError(422, "invalid_value", "image", message) from err
+    return pixels
+
+
+def pipeline_error(err: ValueError) -> RequestError:
+    """A pipeline ValueError ("name: what is wrong") as a 422 naming the field."""
+    message = str(err)
+    name = message.split(":", 1)[0]
+    return RequestError(422, "invalid_value", name if name in FIELDS else None, message)
+
+
+def out_of_range(field: str, allowed: str, got: object) -> RequestError:
+    return RequestError(422, "out_of_range", field, f"{field}: must be {allowed}, got {got}")
