@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ldm.diffusion.schedules import spaced_timesteps
+from ldm.diffusion.sdedit import sdedit_steps
 from ldm.model_folder import SAMPLERS, SamplingDefaults
 from ldm.noise_schedule import NoiseScheduleConfig
 
@@ -164,7 +165,7 @@ def editing_strength(
     strength = as_float(strength, "strength")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength: must be in (0, 1], got {strength}")
-    if int(steps * strength) < 1:
+    if sdedit_steps(steps, strength) < 1:
         raise ValueError(
             f"strength: {strength} of {steps} steps runs no step; raise strength to >= {1 / steps:.3g} "
             "or num_inference_steps"

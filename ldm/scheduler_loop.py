@@ -16,6 +16,7 @@ from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
 from ldm.diffusion.samplers import ModelFn, SampleOutput, StepCallback
+from ldm.diffusion.sdedit import sdedit_steps
 
 
 def check_scheduler(scheduler: object, prediction_type: str) -> SchedulerMixin:
@@ -59,7 +60,7 @@ def sample_with_scheduler(
     if init is None:
         x = noise * scheduler.init_noise_sigma
     else:  # diffusers' img2img: keep the last int(n * strength) steps
-        begin = (num_steps - min(int(num_steps * strength), num_steps)) * scheduler.order
+        begin = (num_steps - min(sdedit_steps(num_steps, strength), num_steps)) * scheduler.order
         timesteps = timesteps[begin:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)

@@ -154,12 +154,10 @@ def resolve_request(request: GenerateRequest, pipe: LatentDiffusionPipeline, lim
             request.width,
             request.karras_sigmas,
         )
-        strength = None
         if pixels is not None:
             settings = sized_like(settings, pipe.geometry, pixels, request.height, request.width)
-            strength = editing_strength(True, request.strength, None, 1, True, settings.num_inference_steps)
-        elif request.strength is not None:
-            editing_strength(False, request.strength, None, 1, True, settings.num_inference_steps)
+        # strength without an image is an error; with one, its default is filled in
+        strength = editing_strength(pixels is not None, request.strength, None, 1, True, settings.num_inference_steps)
     except ValueError as err:  # the pipeline's messages start with the argument's name
         raise pipeline_error(err) from err
     seed = secrets.randbelow(SEED_RANGE[1] + 1) if request.seed is None else request.seed
@@ -169,7 +167,7 @@ def resolve_request(request: GenerateRequest, pipe: LatentDiffusionPipeline, lim
         settings=settings,
         seeds=[seed + i for i in range(request.num_images_per_prompt)],
         image=pixels,
-        strength=strength,
+        strength=strength if pixels is not None else None,
         preview_every=request.preview_every,
     )
 
