@@ -8,6 +8,8 @@ from typing import Literal
 
 # OpenAI CLIP's context length; Stable Diffusion 1.x/2.x condition on exactly 77 token states.
 CLIP_MAX_LENGTH = 77
+# The fields that say how an unfrozen encoder trains (null = the `train:` section's value).
+TRAINING_FIELDS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "freeze_after")
 
 
 @dataclass
@@ -43,6 +45,16 @@ class TextEncoderConfig:
     # With frozen=False: also train the 49,408-row token table. False keeps its (random or pretrained) rows as
     # fixed token codes and trains the layers above them; a prompt uses ~20 rows, yet AdamW would update all.
     train_token_embedding: bool = True
+    # How an unfrozen encoder trains: its own AdamW parameter group in stage 2. null = the `train:` section's value.
+    lr: float | None = None
+    lr_schedule: Literal["constant", "cosine"] | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float | None = None
+    weight_decay: float | None = None
+    freeze_after: int | None = None  # the step from which its LR is 0 and its weights stop moving; null = never
+    # With train_token_embedding: "captions" trains only the table rows of the tokens the training captions use
+    # (AdamW then touches ~50 rows, not 49,408), "all" the whole table.
+    token_rows: Literal["captions", "all"] = "captions"
     p_uncond: float = 0.1  # training-time probability of replacing a caption by "" (for CFG)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
@@ -75,5 +87,23 @@ class TextEncoderConfig:
                 f"clip_skip: {self.clip_skip} skips every layer of a {self.num_layers}-layer encoder; "
                 f"valid values are 0 .. {self.num_layers - 1}"
             )
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr: must be positive (or null for train.lr), got {self.lr}")
+        if self.lr_schedule not in (None, "constant", "cosine"):
+            raise ValueError(f"lr_schedule: unknown {self.lr_schedule!r}; valid: constant, cosine (or null)")
+        for key in ("warmup_steps", "freeze_after"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0 (or null), got {getattr(self, key)}")
+        if self.min_lr_ratio is not None and not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1] (or null), got {self.min_lr_ratio}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0 (or null), got {self.weight_decay}")
+        given = [key for key in TRAINING_FIELDS if getattr(self, key) is not None]
+        if self.frozen and given:
+            raise ValueError(
+                f"{', '.join(given)}: set for a frozen encoder, which does not train; set frozen: false to train it"
+            )
+        if self.token_rows not in ("captions", "all"):
+            raise ValueError(f"token_rows: unknown {self.token_rows!r}; valid: captions, all")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond: is a probability, must be in [0, 1], got {self.p_uncond}")

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conditioning.config import TextEncoderConfig
+from conditioning.config import TRAINING_FIELDS, TextEncoderConfig
 from conditioning.fingerprint import text_encoder_fingerprint
+from conditioning.token_rows import CaptionRowEmbedding
 from conditioning.tokenizer import (
     VOCAB_SIZE,
     TokenizedPrompts,
@@ -103,8 +104,30 @@ class TextEncoder(nn.Module):
         """Write `folder/text_encoder/` (config.json + model.safetensors) and `folder/tokenizer/`."""
         # Always the standard names, whatever layout the weights were read from: a model folder has one layout.
         folder = Path(folder)
-        self.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        self.model.save_pretrained(folder / "text_encoder", safe_serialization=True, state_dict=self.plain_state_dict())
         save_tokenizer(self.tokenizer, folder / "tokenizer")
+
+    def train_caption_rows(self, captions: Sequence[str]) -> int:
+        """Train only the token-table rows that `captions` (and "") use: the table becomes a `CaptionRowEmbedding`.
+        Returns the number of trainable rows."""
+        table = self.model.get_input_embeddings()
+        if isinstance(table, CaptionRowEmbedding):
+            raise ValueError("train_caption_rows: the token table already trains caption rows only")
+        ids = self.tokenize([*captions, ""]).input_ids.flatten()
+        rows = CaptionRowEmbedding(table, ids)
+        self.model.set_input_embeddings(rows)
+        rows.rows.requires_grad_(not self.frozen)
+        return rows.rows.shape[0]
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict as a plain `CLIPTextModel` has it (trained caption rows merged into the table)."""
+        state = self.model.state_dict()
+        table = self.model.get_input_embeddings()
+        if isinstance(table, CaptionRowEmbedding):
+            prefix = next(name for name, module in self.model.named_modules() if module is table)
+            del state[f"{prefix}.rows"]
+            state[f"{prefix}.weight"] = table.merged_weight()
+        return state
 
     @property
     def hidden_size(self) -> int:
@@ -133,10 +156,15 @@ class TextEncoder(nn.Module):
         so do the last `clip_skip` layers: their output is never used, so they would get no gradient, which
         DistributedDataParallel rejects as unused parameters.
         """
-        self.config = dataclasses.replace(self.config, frozen=frozen)
+        # A frozen encoder has no training settings (a config with them is refused), so freezing drops them.
+        cleared = dict.fromkeys(TRAINING_FIELDS) if frozen else {}
+        self.config = dataclasses.replace(self.config, frozen=frozen, **cleared)
         self.model.requires_grad_(not frozen)
+        table = self.model.get_input_embeddings()
+        if isinstance(table, CaptionRowEmbedding):
+            table.weight.requires_grad_(False)  # only its caption rows ever train
         if not frozen and not self.config.train_token_embedding:
-            self.model.get_input_embeddings().requires_grad_(False)
+            table.requires_grad_(False)
         if not frozen and self.config.clip_skip > 0:
             for layer in self.model.encoder.layers[-self.config.clip_skip :]:
                 layer.requires_grad_(False)

@@ -76,6 +76,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
             f"{source}: unknown key {_join(prefix, unknown[0])!r}; valid keys here: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
+    data = {name: _onto_default(fields[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(hints[name], value, source, _join(prefix, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -85,6 +86,23 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
         if prefix and str(err).startswith(f"{prefix}."):  # the message names its whole key already
             raise ConfigError(f"{source}: {err}") from err
         raise ConfigError(f"{source}: {prefix or 'config'}: {err}") from err
+
+
+def _onto_default(field: dataclasses.Field, value: Any) -> Any:
+    """A partial section over its field's default: `text_encoder: {lr: 2e-4}` keeps the stage's own text-encoder
+    defaults (its default_factory's values) rather than falling back to the section class's bare defaults."""
+    if not isinstance(value, Mapping) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    return _merged(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        nested = isinstance(value, Mapping) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if nested else value
+    return merged
 
 
 def to_dict(config: Any) -> dict[str, Any]:

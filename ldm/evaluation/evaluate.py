@@ -21,6 +21,7 @@ from ldm.evaluation.machine import describe_machine
 from ldm.evaluation.pretrained import pretrained_scores, reconstruction_fid
 from ldm.evaluation.probe import AttributeProbe, ProbeConfig, accuracy, load_or_train_probe, shapes_tensors
 from ldm.evaluation.report import plot_sweep, write_report
+from ldm.evaluation.text_pathway import summary_line, text_pathway
 from ldm.images import save_image_grid
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -79,6 +80,8 @@ def evaluate_model(
     metrics["autoencoder"]["probe_accuracy_on_reconstructions"] = reconstruction_probe_accuracy(
         autoencoder, probe, heldout
     )
+    metrics["text_pathway"] = text_pathway(pipeline.text_encoder, seed=cfg.seed)
+    logger.info(summary_line(metrics["text_pathway"]))
     prompts = FidelityPrompts.heldout(cfg.num_prompts, resolution)
     novel_prompts = FidelityPrompts.compositional(cfg.num_prompts, resolution)
     default_w = pipeline.defaults.guidance_scale

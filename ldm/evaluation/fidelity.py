@@ -8,12 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from ldm.data.shapes import COLORS, SHAPES, ShapesDataset
+from ldm.evaluation.geometry import geometric_positions
 from ldm.evaluation.probe import AttributeProbe, attribute_classes
 from ldm.pipeline import LatentDiffusionPipeline
 
 # The attributes every prompt names and every fidelity table reports ("all" = colour, shape and background
 # right at once).
 JUDGED = ("color", "shape", "background", "size", "position")
+# Position read a second way, from the pixels (ldm.evaluation.geometry); reported beside the probe's reading.
+GEOMETRIC = "position_geometric"
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,11 @@ def prompt_fidelity(
     settings: SweepPoint,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Per-attribute accuracy of the generated images against their prompts, the share with colour, shape and
-    background all right, and the sampling wall time per image (text encoding, U-Net, VAE decode)."""
+    """Per-attribute accuracy of the generated images against their prompts (the probe's), the position read from
+    the pixels too (GEOMETRIC), the share with colour, shape and background all right, and the sampling wall time
+    per image (text encoding, U-Net, VAE decode)."""
     generator = torch.Generator(pipeline.device).manual_seed(settings.seed)
-    hits = dict.fromkeys(JUDGED, 0)
+    hits = dict.fromkeys((*JUDGED, GEOMETRIC), 0)
     all_right = 0
     seconds = 0.0
     for start in range(0, len(prompts.captions), batch_size):
@@ -82,14 +86,16 @@ def prompt_fidelity(
         ).images
         seconds += time.perf_counter() - began
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1
-        predicted = probe.predict(pixels)
+        predicted = probe.predict(pixels) | {GEOMETRIC: geometric_positions(pixels * 0.5 + 0.5)}
         for i, wanted in enumerate(prompts.attributes[start : start + batch_size]):
-            right = {k: predicted[k][i] == wanted[k] for k in JUDGED}
-            for k in JUDGED:
+            right = {k: predicted[k][i] == wanted[k] for k in JUDGED} | {
+                GEOMETRIC: predicted[GEOMETRIC][i] == wanted["position"]
+            }
+            for k in right:
                 hits[k] += right[k]
             all_right += right["color"] and right["shape"] and right["background"]
     n = len(prompts.captions)
-    result = {k: hits[k] / n for k in JUDGED}
+    result = {k: hits[k] / n for k in hits}
     result["all"] = all_right / n
     result["seconds_per_image"] = seconds / n
     return result

@@ -5,17 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ldm.evaluation.fidelity import JUDGED
+from ldm.evaluation.fidelity import GEOMETRIC, JUDGED
+from ldm.evaluation.text_pathway import ATTRIBUTES
 
 
 def fidelity_table(rows: list[dict[str, Any]], first_column: str) -> str:
-    """A Markdown table: one row per setting, per-attribute accuracy in percent and seconds per image."""
-    header = f"| {first_column} | " + " | ".join(JUDGED) + " | colour+shape+bg | s / image |"
-    lines = [header, "|" + " --- |" * (len(JUDGED) + 3)]
+    """A Markdown table: one row per setting, per-attribute accuracy in percent (position read by the probe and
+    from the pixels) and seconds per image."""
+    header = f"| {first_column} | " + " | ".join(JUDGED) + " | position (pixels) | colour+shape+bg | s / image |"
+    lines = [header, "|" + " --- |" * (len(JUDGED) + 4)]
     for row in rows:
         acc = row["accuracy"]
-        cells = [f"{100 * acc[k]:.1f}%" for k in (*JUDGED, "all")]
+        cells = [f"{100 * acc[k]:.1f}%" for k in (*JUDGED, GEOMETRIC, "all")]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {acc['seconds_per_image']:.3f} |")
+    return "\n".join(lines)
+
+
+def text_pathway_table(pathway: dict[str, Any]) -> str:
+    """A Markdown table of `ldm.evaluation.text_pathway.text_pathway`'s readings."""
+    lines = [
+        f"| attribute | distance (norm {pathway['norm']:.1f}) | relative | linear probe | chance |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for attribute in ATTRIBUTES:
+        r = pathway[attribute]
+        lines.append(
+            f"| {attribute} | {r['distance']:.1f} | {r['relative_distance']:.3f} | {100 * r['probe']:.1f}% "
+            f"| {100 * r['chance']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -40,6 +57,14 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "",
         "The attribute probe on the autoencoder's reconstructions (the most stage 2 can reproduce): "
         f"{accuracy_line(ae['probe_accuracy_on_reconstructions'])}.",
+        "",
+        "## Text pathway",
+        "",
+        "What the text encoder gives the U-Net per attribute: the mean L2 distance between the conditioning of "
+        "captions that differ in that attribute alone, and a linear probe's accuracy on the token-averaged "
+        "conditioning of unseen captions. An attribute the encoder barely separates cannot be drawn from the prompt.",
+        "",
+        text_pathway_table(metrics["text_pathway"]),
         "",
         "## Prompt fidelity",
         "",

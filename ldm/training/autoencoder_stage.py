@@ -25,7 +25,7 @@ from ldm.data import build_dataset
 from ldm.training.autoencoder_config import AutoencoderExperimentConfig
 from ldm.training.distributed import prepare_loader
 from ldm.training.loaders import make_loader
-from ldm.training.runtime import TrainLoop, Update, start_run
+from ldm.training.runtime import TrainLoop, Update, start_run, train_schedule
 
 
 def train_autoencoder(
@@ -83,10 +83,12 @@ class AutoencoderStage:
         x_rec, moments = self.model(x)
         posterior = DiagonalGaussian(moments)
         terms = self.criterion.generator_loss(x, x_rec, posterior, raw.logvar, step, raw_disc, raw.last_layer)
-        yield Update("autoencoder", terms.loss, self.optimizer, self.model.parameters(), self.cfg.train.lr, terms.logs)
+        tc = self.cfg.train
+        schedule = [train_schedule(tc)]
+        yield Update("autoencoder", terms.loss, self.optimizer, self.model.parameters(), schedule, terms.logs)
         if self.disc is not None and self.criterion.disc_factor(step) > 0:
             d_terms = self.criterion.discriminator_loss(x, x_rec, self.disc, step)
-            disc_lr = self.cfg.train.disc_lr
+            disc_lr = [train_schedule(tc, tc.disc_lr)]
             yield Update(
                 "discriminator", d_terms.loss, self.disc_optimizer, self.disc.parameters(), disc_lr, d_terms.logs
             )

@@ -206,6 +206,20 @@ def cacheable(cfg: Any, dataset: Dataset | IterableDataset) -> bool:
     return True
 
 
+def training_captions(dataset: Dataset | IterableDataset) -> list[str]:
+    """Every distinct caption of a fixed training set (cached or map-style), for text_encoder.token_rows=captions."""
+    if isinstance(dataset, CachedExamples):
+        dataset = dataset.latents
+    if isinstance(dataset, (IterableDataset, LatentShardSource)):
+        raise ValueError(
+            "text_encoder.token_rows: 'captions' needs the training captions up front, but this data streams; "
+            "set text_encoder.token_rows=all (or train_token_embedding=false)"
+        )
+    if hasattr(dataset, "captions"):
+        return sorted(set(dataset.captions))
+    return sorted({dataset[i]["caption"] for i in range(len(dataset))})
+
+
 def require_captions(dataset: Dataset | IterableDataset) -> None:
     """Stop a text-to-image run whose image folder has no captions, before it silently trains unconditionally."""
     if getattr(dataset, "has_captions", True):

@@ -8,6 +8,7 @@ uniform t), the EMA of the trained weights, the validation grid, and the export 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from conditioning import TextEncoder
+from conditioning.token_rows import CaptionRowEmbedding
 from ldm.data import build_dataset
 from ldm.data.buckets import use_buckets
 from ldm.data.latent_shards import LatentShardSource
 from ldm.diffusion import GaussianDiffusion, sample_timesteps, training_losses
+from ldm.evaluation.text_pathway import scalar_logs, summary_line, text_pathway
 from ldm.images import save_image_grid
 from ldm.lora_weights import LORA_WEIGHT_NAME
 from ldm.pipeline import LatentDiffusionPipeline
@@ -33,6 +36,7 @@ from ldm.training.batches import (
     collate_for,
     require_captions,
     size_multiple,
+    training_captions,
     use_latent_shards,
 )
 from ldm.training.denoiser import Denoiser
@@ -41,10 +45,12 @@ from ldm.training.distributed import is_sharded, prepare_loader
 from ldm.training.ema import EMA
 from ldm.training.loaders import make_loader
 from ldm.training.lora import LoRACheckpoint, add_lora, check_lora, fused_unet, parameter_counts, save_adapter
+from ldm.training.parameter_groups import parameter_groups
 from ldm.training.runtime import TrainLoop, Update, start_run
 from ldm.unet import build_unet
 
 EMA_FILE = "ema.safetensors"
+logger = logging.getLogger(__name__)
 
 
 def train_diffusion(
@@ -71,6 +77,9 @@ def train_diffusion(
     )
     if isinstance(dataset, LatentShardSource):
         unconditional = use_latent_shards(dataset, nets.vae, nets.text_encoder, cfg, accelerator.device)
+    te = cfg.text_encoder
+    if not te.frozen and te.train_token_embedding and te.token_rows == "captions":
+        nets.text_encoder.train_caption_rows(training_captions(dataset))
     loader = make_loader(dataset, tc, collate_fn=collate_for(dataset))
     to_latents = LatentBatches(nets.vae, nets.text_encoder, cfg.text_encoder.p_uncond, unconditional)
     cache_report = {"cache_seconds": round(cache_seconds, 1), "latent_cache": cache_dir is not None}
@@ -137,11 +146,11 @@ class DiffusionStage:
         self.trainable = {name for name, p in nets.denoiser.named_parameters() if p.requires_grad}
         self.parameter_counts = parameter_counts(nets.denoiser)  # reported by the export
         self.diffusion = cfg.noise.build()
+        groups = parameter_groups(cfg, nets.denoiser)
+        self.schedules = [group.schedule for group in groups]
         optimizer = torch.optim.AdamW(
-            [p for p in nets.denoiser.parameters() if p.requires_grad],
-            lr=tc.lr,
+            [group.as_optimizer_group() for group in groups],
             betas=tc.adam_betas,
-            weight_decay=tc.weight_decay,
             fused=True,  # one kernel for all parameters, its step counts on the device, and the guard's skip flag
         )
         self.model, self.optimizer = accelerator.prepare(nets.denoiser, optimizer)
@@ -158,20 +167,28 @@ class DiffusionStage:
         """The U-Net's update on fresh latents z ~ q(z | x) and the captions after dropout."""
         latents, conditioning = self.to_latents(batch)
         loss = diffusion_loss(self.diffusion, self.model, latents, conditioning, self.cfg)
-        yield Update("unet", loss, self.optimizer, self.model.parameters(), self.cfg.train.lr, {"loss": loss.detach()})
+        yield Update("unet", loss, self.optimizer, self.model.parameters(), self.schedules, {"loss": loss.detach()})
 
     def after_step(self, applied: Mapping[str, bool | torch.Tensor]) -> None:
         """Average the weights the update produced (none after a skipped update)."""
         if self.ema is not None and "unet" in applied:
             self.ema.update(self.nets.denoiser, applied["unet"])  # a device flag is read on the device
 
-    def write_samples(self, path: Path) -> None:
-        """The validation grid from the EMA weights. Under FSDP every process calls this (the weights are
+    def write_samples(self, path: Path) -> dict[str, float]:
+        """The validation grid from the EMA weights and, on shapes data, the text-pathway diagnostic of the
+        (averaged) text encoder, returned for the tracker. Under FSDP every process calls this (the weights are
         gathered) and the main process samples and writes."""
+        scalars: dict[str, float] = {}
         with self.averaged_denoiser() as denoiser:
             if denoiser is not None:
-                write_validation_grid(self.pipeline(denoiser), self.cfg, path)
+                pipeline = self.pipeline(denoiser)
+                write_validation_grid(pipeline, self.cfg, path)
+                if self.cfg.data.source == "shapes":
+                    pathway = text_pathway(pipeline.text_encoder)
+                    logger.info("step %s: %s", path.stem, summary_line(pathway))
+                    scalars = scalar_logs(pathway)
         self.restore_training_mode()  # the pipeline put the U-Net in inference mode
+        return scalars
 
     def restore_training_mode(self) -> None:
         """The denoiser in train mode, with gradients for exactly the weights that train (not a frozen base)."""
@@ -202,7 +219,7 @@ class DiffusionStage:
         With `unet.lora`, also the adapter alone, as OUTPUT_DIR/lora/pytorch_lora_weights.safetensors (diffusers'
         format: `StableDiffusionPipeline.load_lora_weights` and `LatentDiffusionPipeline.load_lora_weights` read
         it); the model folder's U-Net is then a plain one with the adapter merged into its weights."""
-        lora_dir = output_dir / "lora"
+        lora_dir, diagnostics = output_dir / "lora", {}
         with self.averaged_denoiser() as denoiser:
             if denoiser is not None:
                 if self.cfg.unet.lora is not None:
@@ -212,11 +229,13 @@ class DiffusionStage:
                 pipeline.text_encoder.set_frozen(True)  # trained or not, the exported encoder is for inference
                 pipeline.save_pretrained(self.pipeline_dir)
                 write_validation_grid(pipeline, self.cfg, output_dir / "samples" / "final.png")
+                if self.cfg.data.source == "shapes":  # what the exported encoder tells the U-Net
+                    diagnostics["text_pathway"] = text_pathway(pipeline.text_encoder)
         ema_updates = self.ema.num_updates if self.ema is not None else 0
         exported = {"ema_updates": ema_updates, **self.cache_report, "pipeline": str(self.pipeline_dir)}
         if self.cfg.unet.lora is not None:
             exported["lora"] = str(lora_dir / LORA_WEIGHT_NAME)
-        return exported | self.parameter_counts
+        return exported | self.parameter_counts | diagnostics
 
     @contextlib.contextmanager
     def averaged_denoiser(self) -> Iterator[Denoiser | None]:
@@ -253,7 +272,11 @@ def unsharded_copy(denoiser: Denoiser, state: Mapping[str, torch.Tensor]) -> Den
         unet = UNet2DConditionModel.from_config(denoiser.unet.config)
         encoder = denoiser.text_encoder
         if encoder is not None:
+            rows = encoder.model.get_input_embeddings()
             encoder = TextEncoder(CLIPTextModel(encoder.model.config), encoder.tokenizer, encoder.config)
+            if isinstance(rows, CaptionRowEmbedding):  # the same trainable rows, so the state dict fits
+                table = encoder.model.get_input_embeddings()
+                encoder.model.set_input_embeddings(CaptionRowEmbedding(table, rows.ids))
     copy = Denoiser(unet, encoder)
     copy.load_state_dict(state, assign=True)  # strict: every weight of the copy comes from `state`
     return copy

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from ldm.config import save_config, to_dict
 from ldm.training.config import TrainConfig
 from ldm.training.distributed import log_rank_step, reduce_mean
 from ldm.training.faults import NonFiniteGuard, StopSignal
+from ldm.training.lr_schedule import LRSchedule
 from ldm.training.tracking import accelerator_log_with, start_tracking
 from ldm.training.training_state import DataStream, load_training_state, save_training_state, stopped_early
 
@@ -40,13 +40,14 @@ RECENT_STEPS = 100  # metrics.json reports each headline value averaged over the
 @dataclass
 class Update:
     """One optimizer's share of a training step: its loss is backpropagated and, where gradients sync,
-    the optimizer steps at `base_lr` times the schedule (unless the guard skips a non-finite update)."""
+    the optimizer steps with each parameter group at its schedule's LR (unless the guard skips a non-finite
+    update)."""
 
     name: str  # names the update in the guard's warnings: "autoencoder", "discriminator", "unet"
     loss: Tensor  # a scalar
     optimizer: torch.optim.Optimizer
     parameters: Iterable[nn.Parameter]  # whose gradient norm is checked (and clipped to train.grad_clip)
-    base_lr: float
+    schedules: Sequence[LRSchedule]  # one per parameter group of `optimizer`, in its order
     logs: Mapping[str, float | Tensor] = field(default_factory=dict)  # this process's values, before reduction
 
 
@@ -64,8 +65,9 @@ class Stage(Protocol):
         """Called once per optimizer step with which updates happened (e.g. to update an EMA): a bool, or a
         0-dim bool tensor on the device when the guard decided there (reading it would sync with the host)."""
 
-    def write_samples(self, path: Path) -> None:
-        """Write a PNG grid (called on the main process; under FSDP on every process, and the main one writes)."""
+    def write_samples(self, path: Path) -> Mapping[str, float] | None:
+        """Write a PNG grid (called on the main process; under FSDP on every process, and the main one writes);
+        may return validation scalars, which the runtime logs at this step."""
 
     def save_state(self, folder: Path) -> None:
         """Write what the checkpoint holds beyond models, optimizers and RNGs (main process only)."""
@@ -100,22 +102,22 @@ def start_run(cfg: Any, tc: TrainConfig, output_dir: Path, project: str) -> Acce
     return accelerator
 
 
+def train_schedule(tc: TrainConfig, lr: float | None = None) -> LRSchedule:
+    """The `train:` section's schedule (warm-up, shape, floor over train.steps) at `lr`, by default train.lr."""
+    return LRSchedule(tc.lr if lr is None else lr, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+
+
 def learning_rate_factor(step: int, tc: TrainConfig) -> float:
-    """The LR at `step` as a fraction of the base LR: a linear warmup over warmup_steps, then constant, or
-    a cosine from 1 down to min_lr_ratio at the last step. A function of the step alone, so a resumed run
-    continues the schedule exactly."""
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    if tc.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """The LR at `step` as a fraction of train.lr under the `train:` section's schedule."""
+    return train_schedule(tc).factor(step)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group of `optimizer` to `lr`."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def set_learning_rates(optimizer: torch.optim.Optimizer, schedules: Sequence[LRSchedule], step: int) -> None:
+    """Set each parameter group of `optimizer` to its schedule's LR at `step`."""
+    if len(schedules) != len(optimizer.param_groups):
+        raise ValueError(f"schedules: {len(schedules)} for {len(optimizer.param_groups)} parameter groups")
+    for group, schedule in zip(optimizer.param_groups, schedules, strict=True):
+        group["lr"] = schedule(step)
 
 
 class TrainLoop:
@@ -155,13 +157,13 @@ class TrainLoop:
         batch = next(self.batches)
         logs: dict[str, float | Tensor] = {}
         applied: dict[str, bool | Tensor] = {}
-        accelerator, lr_factor = self.accelerator, learning_rate_factor(self.step, self.tc)
+        accelerator = self.accelerator
         with accelerator.accumulate(*self.stage.models), accelerator.autocast():
             for update in self.stage.updates(batch, self.step):
                 accelerator.backward(update.loss)
                 self.guard.watch(update.name, update.loss)
                 if accelerator.sync_gradients:
-                    set_learning_rate(update.optimizer, update.base_lr * lr_factor)
+                    set_learning_rates(update.optimizer, update.schedules, self.step)
                     applied[update.name] = self.guard.apply(
                         accelerator, update.name, update.optimizer, update.parameters, self.tc.grad_clip
                     )
@@ -189,7 +191,9 @@ class TrainLoop:
     def sample(self) -> None:
         """Every train.sample_every steps, the stage's sample grid (see `joins_outputs`)."""
         if self.step % self.tc.sample_every == 0 and self.joins_outputs:
-            self.stage.write_samples(self.out / "samples" / f"step_{self.step:07d}.png")
+            scalars = self.stage.write_samples(self.out / "samples" / f"step_{self.step:07d}.png")
+            if scalars and self.is_main:
+                self.accelerator.log(dict(scalars), step=self.step)
 
     def checkpoint_due(self) -> bool:
         """Whether the schedule asks for a checkpoint at this step (every train.checkpoint_every, and the last)."""

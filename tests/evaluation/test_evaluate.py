@@ -5,7 +5,7 @@ import torch
 
 from ldm.data.shapes import NOVEL_COMBINATIONS, combination
 from ldm.evaluation import EvaluationConfig, FidelityPrompts, ProbeConfig, evaluate_model, train_probe
-from ldm.evaluation.fidelity import JUDGED, SweepPoint, prompt_fidelity
+from ldm.evaluation.fidelity import GEOMETRIC, JUDGED, SweepPoint, prompt_fidelity
 from ldm.evaluation.probe import ATTRIBUTES, AttributeProbe, load_or_train_probe
 from tests.pipeline.tiny_models import tiny_pipeline
 
@@ -82,8 +82,13 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
     assert [row["settings"]["guidance_scale"] for row in novel] == [1.0, 3.0]
     assert (out / "compositional_fidelity_vs_guidance.png").is_file()
     for row in [*metrics["fidelity"]["guidance_sweep"], *novel]:
-        assert set(row["accuracy"]) == {*JUDGED, "all", "seconds_per_image"}
-        assert all(0.0 <= row["accuracy"][k] <= 1.0 for k in JUDGED)
+        assert set(row["accuracy"]) == {*JUDGED, GEOMETRIC, "all", "seconds_per_image"}
+        assert all(0.0 <= row["accuracy"][k] <= 1.0 for k in (*JUDGED, GEOMETRIC))
+    pathway = metrics["text_pathway"]
+    assert {a: set(pathway[a]) for a in JUDGED} == {
+        a: {"distance", "relative_distance", "probe", "chance"} for a in JUDGED
+    }
+    assert all(pathway[a]["distance"] > 0 for a in JUDGED)  # a random encoder tells every attribute apart a little
     assert set(metrics["autoencoder"]["probe_accuracy_on_reconstructions"]) == set(ATTRIBUTES)
     assert metrics["autoencoder"]["rfid"] is None and "Inception" in metrics["autoencoder"]["unavailable"]["rFID"]
     assert metrics["pretrained"]["clip_score"] is None and metrics["pretrained"]["fid"] is None
@@ -93,6 +98,7 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
     assert "| ddpm 1000" not in report and "ddpm 4 steps" in report
     assert "rFID unavailable" in report and "CLIP score unavailable" in report
     assert "### Novel combinations" in report
+    assert "## Text pathway" in report and "| position |" in report and "position (pixels)" in report
 
 
 @pytest.mark.parametrize(

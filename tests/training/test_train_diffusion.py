@@ -53,12 +53,17 @@ def test_a_trainable_text_encoder_is_trained_averaged_and_exported(tiny_config, 
     initial = TextEncoder.from_config(cfg.text_encoder).model.state_dict()
     pipe = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
     trained = pipe.text_encoder.model.state_dict()
-    key = "embeddings.token_embedding.weight"
-    assert not torch.equal(trained[key], initial[key])
+    key = next(k for k in trained if k.endswith("token_embedding.weight"))
+    # Only the rows of the training captions' tokens trained (text_encoder.token_rows: captions); the rest are as
+    # initialized, and the trained rows are the average's.
+    changed = (trained[key] != initial[key]).any(dim=1).nonzero().flatten()
+    assert 0 < len(changed) < 100
     exported = [*pipe.unet.parameters(), *pipe.text_encoder.model.parameters()]  # the Denoiser's order
+    table = next(i for i, p in enumerate(exported) if p.shape == trained[key].shape)
     ema = load_file(out / "checkpoints" / "step_0000006" / "ema.safetensors")
     assert len(exported) == len(ema)
-    assert all(torch.equal(p, ema[f"shadow.{i}"]) for i, p in enumerate(exported))
+    assert torch.equal(exported[table][changed], ema[f"shadow.{table}"])
+    assert all(torch.equal(p, ema[f"shadow.{i}"]) for i, p in enumerate(exported) if i != table)
     assert pipe.text_encoder.frozen
 
 
