@@ -35,7 +35,7 @@ def test_a_partial_text_encoder_section_keeps_the_stages_own_defaults():
 def test_training_settings_on_a_frozen_encoder_are_refused_by_name():
     with pytest.raises(ValueError, match="lr, freeze_after: set for a frozen encoder"):
         TextEncoderConfig(frozen=True, lr=1e-4, freeze_after=10)
-    with pytest.raises(ConfigError, match="text_encoder.*frozen"):
+    with pytest.raises(ConfigError, match=r"text_encoder.*frozen"):
         load_config(DiffusionExperimentConfig, None, ["text_encoder.frozen=true", "text_encoder.lr=1e-4"])
 
 
