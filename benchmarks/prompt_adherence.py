@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.evaluation.fidelity import JUDGED, FidelityPrompts, SweepPoint, prompt_fidelity
+from ldm.evaluation.fidelity import GEOMETRIC, JUDGED, FidelityPrompts, SweepPoint, prompt_fidelity
 from ldm.evaluation.probe import ProbeConfig, load_or_train_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def train(stage: int, out: Path, steps: int, overrides: list[str], vae: str | No
     args = [sys.executable, "-m", "ldm", command, "--output-dir", str(out)]
     args += [arg for setting in settings for arg in ("--set", setting)]
     began = time.perf_counter()
-    with open(out.with_suffix(".log"), "w", encoding="utf-8") as log:
+    with open(out.parent / f"{out.name}.log", "w", encoding="utf-8") as log:  # names may hold dots (logit0.5)
         subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - began
 
@@ -67,8 +67,9 @@ def read_stage_2(out: Path, probe: torch.nn.Module, num_prompts: int) -> dict[st
         prompts = FidelityPrompts.of_split(split, num_prompts, pipeline.default_size)
         for w in (1.0, pipeline.defaults.guidance_scale):
             accuracy = prompt_fidelity(pipeline, probe, prompts, SweepPoint(w, 50, "ddim", 0))
-            row |= {f"{split} w={w:g} {k}": 100 * accuracy[k] for k in JUDGED}
-    return row
+            row |= {f"{split} w={w:g} {k}": 100 * accuracy[k] for k in (*JUDGED, GEOMETRIC)}
+    pathway = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["text_pathway"]
+    return row | {f"text {k} distance": v["distance"] for k, v in pathway.items() if k != "norm"}
 
 
 def table(rows: list[dict]) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Literal
+from typing import Any, Literal
 
 # OpenAI CLIP's context length; Stable Diffusion 1.x/2.x condition on exactly 77 token states.
 CLIP_MAX_LENGTH = 77
@@ -57,6 +59,14 @@ class TextEncoderConfig:
     token_rows: Literal["captions", "all"] = "captions"
     p_uncond: float = 0.1  # training-time probability of replacing a caption by "" (for CFG)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    def section_defaults(self, section: Mapping[str, Any]) -> dict[str, Any]:
+        """This config's values as the defaults a partial `text_encoder:` section is laid over (ldm.config): a
+        section that freezes the encoder keeps none of the default's training settings it does not give itself."""
+        values = dataclasses.asdict(self)
+        if section.get("frozen") is True:
+            values |= dict.fromkeys(TRAINING_FIELDS)
+        return values
 
     def __post_init__(self) -> None:
         if self.pretrained is not None and not self.pretrained.strip():

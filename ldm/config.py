@@ -94,7 +94,12 @@ def _onto_default(field: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, Mapping) or field.default_factory is dataclasses.MISSING:
         return value
     default = field.default_factory()
-    return _merged(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+    if not dataclasses.is_dataclass(default):
+        return value
+    # A section class may say how its defaults yield to a partial section (a frozen text encoder drops the
+    # training settings of a default that trains).
+    base = default.section_defaults(value) if hasattr(default, "section_defaults") else to_dict(default)
+    return _merged(base, value)
 
 
 def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,12 @@ def test_training_settings_on_a_frozen_encoder_are_refused_by_name():
         load_config(DiffusionExperimentConfig, None, ["text_encoder.frozen=true", "text_encoder.lr=1e-4"])
 
 
+def test_freezing_the_default_encoder_drops_its_training_settings():
+    cfg = load_config(DiffusionExperimentConfig, None, ["text_encoder.frozen=true", "autoencoder=vae"])
+    assert cfg.text_encoder.frozen is True and cfg.text_encoder.lr is None and cfg.text_encoder.weight_decay is None
+    assert DiffusionExperimentConfig(autoencoder="vae").text_encoder.lr == 2e-4  # the default it froze trains
+
+
 def test_text_encoder_trains_in_its_own_group_and_stops_at_freeze_after(tiny_config, tmp_path, caplog):
     cfg = tiny_config(steps=6, warmup_steps=0, lr=1e-3, lr_schedule="constant", weight_decay=0.0)
     cfg.text_encoder = TextEncoderConfig(
