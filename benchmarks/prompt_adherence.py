@@ -10,6 +10,7 @@ split), at w = 1 and at the model's default guidance. Every variant of one table
         --variant base --variant v_zero_snr noise.prediction=v noise.zero_terminal_snr=true \\
         noise.timestep_spacing=trailing
 
+`--read-only` reads folders trained before (a quickstart's run, with its pipeline/ linked beside its metrics.json).
 Each row appends a JSON line to OUT/results.jsonl (so an interrupted table keeps its rows) and the table is
 printed at the end. The probe is trained once and kept in OUT/probe.
 """
@@ -89,15 +90,19 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=96)
     parser.add_argument("--probe-steps", type=int, default=ProbeConfig.steps, help="training steps of the probe")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--read-only", action="store_true", help="read the variants' existing OUT/sSTAGE_NAME folders")
     args = parser.parse_args()
-    if args.stage == 2 and not args.vae:
+    if args.stage == 2 and not args.vae and not args.read_only:
         parser.error("--stage 2 needs --vae")
     args.out.mkdir(parents=True, exist_ok=True)
     probe, _ = load_or_train_probe(ProbeConfig(steps=args.probe_steps), args.out / "probe")
     rows = []
     for name, *overrides in args.variant:
         out = args.out / f"s{args.stage}_{name}"
-        seconds = train(args.stage, out, args.steps, overrides, args.vae)
+        if args.read_only:  # a run trained before (e.g. by `ldm quickstart`, linked here): its own training time
+            seconds = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["train_seconds"]
+        else:
+            seconds = train(args.stage, out, args.steps, overrides, args.vae)
         read = read_stage_1(out, probe) if args.stage == 1 else read_stage_2(out, probe, args.num_prompts)
         row = {"variant": name, "overrides": overrides, "train minutes": seconds / 60} | read
         with open(args.out / "results.jsonl", "a", encoding="utf-8") as results:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 # OpenAI CLIP's context length; Stable Diffusion 1.x/2.x condition on exactly 77 token states.
 CLIP_MAX_LENGTH = 77
-# The fields that say how an unfrozen encoder trains (null = the `train:` section's value).
+# The fields that say how an unfrozen encoder trains (null = the `train:` section's value; freeze_after: never).
 TRAINING_FIELDS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "freeze_after")
 
 
@@ -54,16 +54,18 @@ class TextEncoderConfig:
     min_lr_ratio: float | None = None
     weight_decay: float | None = None
     freeze_after: int | None = None  # the step from which its LR is 0 and its weights stop moving; null = never
-    # With train_token_embedding: "captions" trains only the table rows of the tokens the training captions use
-    # (AdamW then touches ~50 rows, not 49,408), "all" the whole table.
-    token_rows: Literal["captions", "all"] = "captions"
+    # With train_token_embedding: "all" trains the whole table; "captions" only the rows of the tokens the training
+    # captions use (AdamW then touches ~50 rows, not 49,408; it needs the captions up front, so not streamed data).
+    token_rows: Literal["captions", "all"] = "all"
     p_uncond: float = 0.1  # training-time probability of replacing a caption by "" (for CFG)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     def section_defaults(self, section: Mapping[str, Any]) -> dict[str, Any]:
-        """This config's values as the defaults a partial `text_encoder:` section is laid over (ldm.config): a
-        section that freezes the encoder keeps none of the default's training settings it does not give itself."""
-        values = dataclasses.asdict(self)
+        """This config's values as the defaults a partial `text_encoder:` section is laid over (ldm.config). A
+        section naming `pretrained` weights starts from the class's own defaults (frozen, CLIP's 77 tokens), not
+        from a small trained encoder's; a section that freezes the encoder keeps none of the default's training
+        settings it does not give itself."""
+        values = dataclasses.asdict(TextEncoderConfig() if section.get("pretrained") else self)
         if section.get("frozen") is True:
             values |= dict.fromkeys(TRAINING_FIELDS)
         return values
@@ -111,7 +113,8 @@ class TextEncoderConfig:
         given = [key for key in TRAINING_FIELDS if getattr(self, key) is not None]
         if self.frozen and given:
             raise ValueError(
-                f"{', '.join(given)}: set for a frozen encoder, which does not train; set frozen: false to train it"
+                f"{', '.join(given)}: set for a frozen encoder, which does not train; set frozen: false to train "
+                f"it, or set them to null (--set text_encoder.{'=null --set text_encoder.'.join(given)}=null)"
             )
         if self.token_rows not in ("captions", "all"):
             raise ValueError(f"token_rows: unknown {self.token_rows!r}; valid: captions, all")

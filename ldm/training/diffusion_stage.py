@@ -77,9 +77,7 @@ def train_diffusion(
     )
     if isinstance(dataset, LatentShardSource):
         unconditional = use_latent_shards(dataset, nets.vae, nets.text_encoder, cfg, accelerator.device)
-    te = cfg.text_encoder
-    if not te.frozen and te.train_token_embedding and te.token_rows == "captions":
-        nets.text_encoder.train_caption_rows(training_captions(dataset))
+    train_only_caption_rows(nets.text_encoder, cfg, dataset)
     loader = make_loader(dataset, tc, collate_fn=collate_for(dataset))
     to_latents = LatentBatches(nets.vae, nets.text_encoder, cfg.text_encoder.p_uncond, unconditional)
     cache_report = {"cache_seconds": round(cache_seconds, 1), "latent_cache": cache_dir is not None}
@@ -263,6 +261,13 @@ class DiffusionStage:
         text_encoder = nets.text_encoder if denoiser.text_encoder is None else denoiser.text_encoder  # trained?
         defaults = self.cfg.validation.sampling_defaults()
         return LatentDiffusionPipeline(nets.vae, text_encoder, denoiser.unet, self.cfg.noise, defaults)
+
+
+def train_only_caption_rows(text_encoder: TextEncoder, cfg: DiffusionExperimentConfig, dataset: Any) -> None:
+    """Make only the token rows of the training captions trainable, where `text_encoder.token_rows` says so."""
+    te = cfg.text_encoder
+    if not te.frozen and te.train_token_embedding and te.token_rows == "captions":
+        text_encoder.train_caption_rows(training_captions(dataset))
 
 
 def unsharded_copy(denoiser: Denoiser, state: Mapping[str, torch.Tensor]) -> Denoiser:

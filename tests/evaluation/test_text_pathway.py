@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +50,15 @@ def test_geometric_position_reads_every_rendering_and_nothing_in_a_blank_image()
     for read, item in zip(flipped, items, strict=True):
         assert read == " ".join(swap.get(w, w) for w in item["attributes"]["position"].split())
     assert geometric_positions(torch.full((2, 3, 32, 32), 0.3)) == [NO_OBJECT, NO_OBJECT]
+
+
+def test_a_bf16_encoder_reads_as_its_fp32_self():
+    """Training in bf16 (mixed_precision, text_encoder.dtype) validates with the same diagnostic: it reads the
+    conditioning in float32 whatever the encoder's dtype, so the figures agree up to bf16's rounding."""
+    full = TextEncoder.from_config(TextEncoderConfig(max_length=32))
+    half = TextEncoder.from_config(TextEncoderConfig(max_length=32, dtype="bfloat16"))
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    exact, rounded = text_pathway(full), text_pathway(half)
+    for attribute in ("color", "shape", "size", "position", "background"):
+        assert rounded[attribute]["distance"] == pytest.approx(exact[attribute]["distance"], rel=0.05), attribute
+        assert abs(rounded[attribute]["probe"] - exact[attribute]["probe"]) < 0.1, attribute

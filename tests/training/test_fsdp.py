@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from ldm.config import load_config
 from ldm.training import DiffusionExperimentConfig
-from ldm.training.diffusion_stage import build_networks
+from ldm.data import build_dataset
+from ldm.training.diffusion_stage import build_networks, train_only_caption_rows
 from tests.fault_run import different_tensors
 from tests.training.launch import REPO_ROOT, WRITE_HOOK, check_main_process_writes, free_port, rank_records, writes
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.training
 STEPS = 4
 EMA_DECAY = 0.9
 FSDP_CONFIG = REPO_ROOT / "configs" / "accelerate" / "fsdp.yaml"
+TABLE = "text_encoder.model.embeddings.token_embedding"  # the token table (its caption rows train)
 
 # accelerate's AcceleratorState copies PartialState's fields in whenever it is constructed, so the FSDP type is set
 # in both; the plugin is the one accelerate built from the launcher's FSDP_* variables.
@@ -94,7 +96,8 @@ def write_tiny_vae(folder: Path) -> Path:
 
 def diffusion_config(tmp: Path, vae: Path) -> Path:
     """4 steps of stage 2 on 16 px shapes with an EMA and the text encoder trained with the U-Net (so both are
-    sharded), a checkpoint after every step, a grid every 2 steps."""
+    sharded; by the stage's defaults, only the captions' token rows of its table train), a checkpoint after every
+    step, a grid every 2 steps (drawn by an unsharded copy holding those rows)."""
     config = {
         "autoencoder": str(vae),
         "data": {"source": "shapes", "resolution": 16, "num_samples": 32, "heldout_samples": 8},
@@ -139,8 +142,12 @@ def test_fsdp_stage_2_averages_samples_and_exports_whole_ema_weights(fsdp_run):
     out, config, stderr, tmp = fsdp_run
     assert {rank for rank, _ in rank_records(stderr)} == {0, 1}  # two processes trained
     assert (checkpoint(out, STEPS) / "pytorch_model_fsdp.bin").is_file()  # accelerate saved through FSDP
-    denoiser = build_networks(load_config(DiffusionExperimentConfig, config), torch.device("cpu")).denoiser
+    cfg = load_config(DiffusionExperimentConfig, config)
+    nets = build_networks(cfg, torch.device("cpu"))
+    train_only_caption_rows(nets.text_encoder, cfg, build_dataset(cfg.data, "train"))  # as the stage does
+    denoiser = nets.denoiser
     names = [name for name, p in denoiser.named_parameters() if p.requires_grad]
+    assert TABLE + ".rows" in names and TABLE + ".weight" not in names  # only the captions' rows trained
     full_shapes = {name: p.shape for name, p in denoiser.named_parameters()}
 
     # Each step's EMA is the last one moved towards that step's whole trained weights, at the warmup decay.
@@ -158,7 +165,17 @@ def test_fsdp_stage_2_averages_samples_and_exports_whole_ema_weights(fsdp_run):
         for prefix, file in (("unet", "unet/diffusion_pytorch_model"), ("text_encoder.model", "text_encoder/model"))
         for name, tensor in load_file(out / "pipeline" / f"{file}.safetensors").items()
     }
-    assert {name: tensor.shape for name, tensor in exported.items()} == full_shapes
+    # The caption rows come back merged into a plain CLIP token table: the averaged rows at their token ids,
+    # the initial (never trained) table elsewhere.
+    rows, ids = ema.pop(TABLE + ".rows"), denoiser.text_encoder.model.get_input_embeddings().ids
+    table = exported.pop(TABLE + ".weight")
+    torch.testing.assert_close(table[ids], rows, rtol=0, atol=0)
+    untouched = torch.ones(len(table), dtype=torch.bool).index_fill_(0, ids, False)
+    assert torch.equal(table[untouched], weights[TABLE + ".weight"][untouched])
+    names.remove(TABLE + ".rows")
+    assert {name: tensor.shape for name, tensor in exported.items()} == {
+        name: shape for name, shape in full_shapes.items() if not name.startswith(TABLE)
+    }
     assert all(torch.equal(exported[name], ema[name]) for name in names)
     assert not any(torch.equal(exported[name], weights[name]) for name in names)  # the average, not the last step
 

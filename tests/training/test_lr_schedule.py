@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ from ldm.training import DiffusionExperimentConfig, train_diffusion
 from ldm.training.config import TrainConfig
 from ldm.training.lr_schedule import LRSchedule
 from ldm.training.runtime import learning_rate_factor, train_schedule
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_schedule_warms_up_then_follows_its_shape_and_stops_at_stop_at():
@@ -49,7 +53,8 @@ def test_text_encoder_trains_in_its_own_group_and_stops_at_freeze_after(tiny_con
     cfg = tiny_config(steps=6, warmup_steps=0, lr=1e-3, lr_schedule="constant", weight_decay=0.0)
     cfg.text_encoder = TextEncoderConfig(
         hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=16, frozen=False,
-        train_token_embedding=True, lr=1e-2, lr_schedule="constant", warmup_steps=0, freeze_after=3,
+        train_token_embedding=True, token_rows="captions", lr=1e-2, lr_schedule="constant", warmup_steps=0,
+        freeze_after=3,
     )  # fmt: skip
     cfg.train.ema_decay = 0.0
     snapshots = {}
@@ -75,3 +80,18 @@ def test_text_encoder_trains_in_its_own_group_and_stops_at_freeze_after(tiny_con
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0][1], snapshots[2][1], strict=True))
     assert "trains text encoder" in caplog.text and "frozen from step 3" in caplog.text
     assert "caption rows train" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["diffusion_sd_256.yaml", "diffusion_sd_512.yaml", "finetune_sd15.yaml"])
+def test_gpu_configs_keep_what_their_partial_sections_say(name):
+    """A partial section lays over the stage's own (CPU) defaults, so a GPU config spells out where it differs:
+    eps with the paper's min-SNR, and a frozen pretrained CLIP with its 77 tokens."""
+    cfg = load_config(DiffusionExperimentConfig, REPO_ROOT / "configs" / name, ["autoencoder=vae"])
+    assert (cfg.noise.prediction, cfg.loss.min_snr_gamma, cfg.loss.min_snr_of) == ("eps", 5.0, "snr")
+    assert cfg.text_encoder.pretrained and cfg.text_encoder.frozen and cfg.text_encoder.max_length == 77
+    assert cfg.text_encoder.lr is None and cfg.text_encoder.token_rows == "all"
+
+
+def test_a_pretrained_encoder_starts_from_clips_defaults_not_the_small_trained_one():
+    cfg = load_config(DiffusionExperimentConfig, None, ["autoencoder=vae", "text_encoder.pretrained=some/clip"])
+    assert cfg.text_encoder == TextEncoderConfig(pretrained="some/clip")  # frozen, 77 tokens, no training fields

@@ -46,7 +46,7 @@ def test_a_trainable_text_encoder_is_trained_averaged_and_exported(tiny_config, 
     from conditioning import TextEncoder
 
     cfg = tiny_config(ema_decay=0.5)
-    cfg.text_encoder.frozen = False
+    cfg.text_encoder.frozen, cfg.text_encoder.token_rows = False, "captions"
     out = tmp_path / "run"
     train_diffusion(cfg, out)
     assert not (out / "cache" / "captions").exists()  # its embeddings change every step
