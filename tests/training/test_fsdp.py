@@ -22,8 +22,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from ldm.config import load_config
-from ldm.training import DiffusionExperimentConfig
 from ldm.data import build_dataset
+from ldm.training import DiffusionExperimentConfig
 from ldm.training.diffusion_stage import build_networks, train_only_caption_rows
 from tests.fault_run import different_tensors
 from tests.training.launch import REPO_ROOT, WRITE_HOOK, check_main_process_writes, free_port, rank_records, writes
