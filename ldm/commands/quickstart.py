@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `quickstart` to the `ldm` command line."""
     parser = subparsers.add_parser(
         "quickstart",
-        help="train both stages on the built-in shapes and draw images from prompts (about 18 minutes on 2 CPUs)",
+        help="train both stages on the built-in shapes and draw images from prompts (about 20 minutes on 2 CPUs)",
         description="Generate the shapes data, train the autoencoder (DIR/autoencoder/), train the diffusion "
         "model (DIR/diffusion/ is its run, DIR/pipeline/ the model folder), and write a grid of generated "
         "images (DIR/samples/).",
