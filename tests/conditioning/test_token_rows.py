@@ -52,3 +52,23 @@ def test_only_the_caption_rows_train_and_merge_into_a_plain_clip(tmp_path):
 def test_caption_rows_refuse_ids_outside_the_table():
     with pytest.raises(ValueError, match="ids"):
         CaptionRowEmbedding(torch.nn.Embedding(10, 4), torch.tensor([3, 10]))
+
+
+def test_an_image_folders_captions_are_read_from_its_metadata_without_decoding_an_image():
+    from pathlib import Path
+
+    from torch.utils.data import Dataset
+
+    from ldm.training.batches import training_captions
+
+    class Folder(Dataset):
+        def __init__(self):
+            self.records = [(Path("a.png"), "a red circle"), (Path("b.png"), ["a blue square", "a square, blue"])]
+
+        def __len__(self):
+            return len(self.records)
+
+        def __getitem__(self, index):
+            raise AssertionError("an image was decoded")
+
+    assert training_captions(Folder()) == ["a blue square", "a red circle", "a square, blue"]  # every caption
