@@ -218,7 +218,7 @@ def training_captions(dataset: Dataset | IterableDataset) -> list[str]:
     if hasattr(dataset, "captions"):
         return sorted(set(dataset.captions))
     if hasattr(dataset, "records"):  # an image folder: its metadata, no image decoded; every caption of a record
-        found = (caption for _, captions in dataset.records for caption in _as_list(captions))
+        found = (c for _, captions in dataset.records for c in (captions if isinstance(captions, list) else [captions]))
         return sorted(set(found))
     return sorted({dataset[i]["caption"] for i in range(len(dataset))})
 
@@ -244,7 +244,3 @@ def size_multiple(vae: AutoencoderKL, unet: UNetConfig) -> int:
 
     config = UNet2DConditionModel.load_config(unet.pretrained, subfolder="unet")
     return vae_factor * 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def _as_list(captions: str | list[str]) -> list[str]:
-    return captions if isinstance(captions, list) else [captions]
