@@ -66,7 +66,10 @@ def test_each_png_carries_the_body_that_draws_it_again(client):
     assert settings["prompt"] == PROMPT and settings["guidance_scale"] == 3.0 and settings["num_inference_steps"] == 5
     assert settings["seed"] == first.json()["images"][1]["seed"] and settings["num_images_per_prompt"] == 1
     again = client.post("/v1/generate", json=settings)
-    np.testing.assert_array_equal(pixels(decoded(again.json()["images"][0])), pixels(second_png))
+    # Drawn alone instead of second in a batch of two: the CPU's GEMMs block a batch of one differently, so a
+    # pixel may round one level the other way; a different seed or setting would move every pixel.
+    replayed, saved = pixels(decoded(again.json()["images"][0])).astype(int), pixels(second_png).astype(int)
+    assert np.abs(replayed - saved).max() <= 1 and (replayed != saved).mean() < 0.01
 
 
 def test_an_unset_seed_is_drawn_and_returned(client):
