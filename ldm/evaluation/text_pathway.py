@@ -35,7 +35,9 @@ def caption_of(scene: dict[str, Any], template: str) -> str:
 
 def attribute_pairs(attribute: str, count: int, seed: int = 0) -> list[tuple[str, str]]:
     """`count` caption pairs that differ in `attribute` alone: a scene and the same scene with another value,
-    in the same template (a colour never equal to the background, nor the background to the colour)."""
+    in the same template (a colour never equal to the background, nor the background to the colour). The other
+    value has as many words ("top left" pairs with "bottom right", "center" with "left"), so every other word
+    keeps its token position and the distance is the attribute's alone, not a shift of the words after it."""
     if attribute not in _VALUES:
         raise ValueError(f"attribute: unknown {attribute!r}; valid: {', '.join(ATTRIBUTES)}")
     rng = np.random.default_rng([seed, ATTRIBUTES.index(attribute)])
@@ -47,19 +49,26 @@ def attribute_pairs(attribute: str, count: int, seed: int = 0) -> list[tuple[str
             scene[attribute],
             *(scene[k] for k in ("color", "background") if attribute in ("color", "background")),
         }
-        others = [v for v in _VALUES[attribute] if v not in forbidden]
+        words = len(scene[attribute].split())
+        others = [v for v in _VALUES[attribute] if v not in forbidden and len(v.split()) == words]
         changed = dict(scene, **{attribute: others[int(rng.integers(len(others)))]})
         pairs.append((caption_of(scene, template), caption_of(changed, template)))
     return pairs
 
 
-def labelled_captions(count: int, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """`count` random captions and each one's class index per attribute."""
+def labelled_captions(
+    count: int, seed: int, exclude: frozenset[str] = frozenset()
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """`count` random captions, none of them in `exclude` (the probe is scored on captions it was not fitted
+    on), and each one's class index per attribute."""
     rng = np.random.default_rng([seed, 99])
     captions, labels = [], {k: [] for k in ATTRIBUTES}
-    for _ in range(count):
+    while len(captions) < count:
         scene = sample_scene(rng)
-        captions.append(caption_of(scene, CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]))
+        caption = caption_of(scene, CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))])
+        if caption in exclude:
+            continue
+        captions.append(caption)
         for k in ATTRIBUTES:
             labels[k].append(_VALUES[k].index(scene[k]))
     return captions, {k: torch.tensor(v) for k, v in labels.items()}
@@ -92,7 +101,7 @@ def text_pathway(encoder: TextEncoder, seed: int = 0) -> dict[str, Any]:
     encoder.eval()  # dropout off; the weights are read, not changed
     try:
         fit_captions, fit_labels = labelled_captions(PROBE_FIT, seed)
-        test_captions, test_labels = labelled_captions(PROBE_TEST, seed + 1)
+        test_captions, test_labels = labelled_captions(PROBE_TEST, seed + 1, exclude=frozenset(fit_captions))
         fit, test = _encode(encoder, fit_captions), _encode(encoder, test_captions)
         result: dict[str, Any] = {"norm": float(fit.flatten(1).norm(dim=1).mean())}
         fit_pooled, test_pooled = fit.mean(1), test.mean(1)  # (N, D): the token-averaged conditioning

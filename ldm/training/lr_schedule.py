@@ -28,9 +28,13 @@ class LRSchedule:
         if self.shape not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule: unknown {self.shape!r}; valid: {', '.join(LR_SCHEDULES)}")
 
+    def stopped(self, step: int) -> bool:
+        """Whether the group has stopped training at `step` (from `stop_at` on)."""
+        return self.stop_at is not None and step >= self.stop_at
+
     def factor(self, step: int) -> float:
         """The LR at `step` as a fraction of `lr`."""
-        if self.stop_at is not None and step >= self.stop_at:
+        if self.stopped(step):
             return 0.0
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps

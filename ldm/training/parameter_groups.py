@@ -27,7 +27,8 @@ class ParameterGroup:
     schedule: LRSchedule
 
     def as_optimizer_group(self) -> dict[str, Any]:
-        return {"params": self.parameters, "weight_decay": self.weight_decay, "lr": self.schedule(0)}
+        # The name rides along in the optimizer's group (torch keeps extra keys) for the run log's per-group LR.
+        return {"params": self.parameters, "weight_decay": self.weight_decay, "lr": self.schedule(0), "name": self.name}
 
     def describe(self) -> str:
         count = sum(p.numel() for p in self.parameters)

@@ -113,11 +113,26 @@ def learning_rate_factor(step: int, tc: TrainConfig) -> float:
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, schedules: Sequence[LRSchedule], step: int) -> None:
-    """Set each parameter group of `optimizer` to its schedule's LR at `step`."""
+    """Set each parameter group of `optimizer` to its schedule's LR at `step`. A group that has stopped training
+    also loses its gradients, so the gradient norm, its clipping and the non-finite check see only what trains
+    (the gradients were computed and synced all the same: DDP needs every trainable parameter's)."""
     if len(schedules) != len(optimizer.param_groups):
         raise ValueError(f"schedules: {len(schedules)} for {len(optimizer.param_groups)} parameter groups")
     for group, schedule in zip(optimizer.param_groups, schedules, strict=True):
         group["lr"] = schedule(step)
+        if schedule.stopped(step):
+            for parameter in group["params"]:
+                parameter.grad = None
+
+
+def group_learning_rates(optimizers: Mapping[str, torch.optim.Optimizer]) -> dict[str, float]:
+    """The LR each parameter group stepped with, by the group's name (or its update's), for the tracker."""
+    rates = {}
+    for update_name, optimizer in optimizers.items():
+        for i, group in enumerate(optimizer.param_groups):
+            name = group.get("name") or (update_name if len(optimizer.param_groups) == 1 else f"{update_name}_{i}")
+            rates[name.replace(" ", "_")] = float(group["lr"])
+    return rates
 
 
 class TrainLoop:
@@ -129,6 +144,7 @@ class TrainLoop:
         self.guard = NonFiniteGuard(tc.max_nonfinite_steps)
         self.step = 0
         self.logs: dict[str, float | Tensor] = {}  # the last step's, this process's
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # by update name, as the last step used them
         self.recent: deque[dict[str, float | Tensor]] = deque(maxlen=RECENT_STEPS)
 
     def run(self, resume: str | None = None) -> dict[str, Any]:
@@ -164,6 +180,7 @@ class TrainLoop:
                 self.guard.watch(update.name, update.loss)
                 if accelerator.sync_gradients:
                     set_learning_rates(update.optimizer, update.schedules, self.step)
+                    self.optimizers[update.name] = update.optimizer
                     applied[update.name] = self.guard.apply(
                         accelerator, update.name, update.optimizer, update.parameters, self.tc.grad_clip
                     )
@@ -186,6 +203,7 @@ class TrainLoop:
         logged = reduce_mean(self.accelerator, {k: float(v) for k, v in self.logs.items()})  # every process joins
         progress.set_postfix({k: f"{v:.4g}" for k, v in logged.items() if k in self.stage.headline})
         extra = {"train/lr": self.lr, "train/nonfinite_steps": self.guard.total}
+        extra |= {f"train/lr/{name}": lr for name, lr in group_learning_rates(self.optimizers).items()}
         self.accelerator.log({f"train/{k}": v for k, v in logged.items()} | extra, step=self.step)
 
     def sample(self) -> None:
@@ -222,6 +240,7 @@ class TrainLoop:
             steps = self.step - first_step
             images = steps * self.tc.batch_size * self.tc.grad_accum * self.accelerator.num_processes
             metrics = {"step": self.step, "steps_this_run": steps, "lr": self.lr, "nonfinite_steps": self.guard.total}
+            metrics["lr_by_group"] = group_learning_rates(self.optimizers)
             metrics |= {f"{key}_last_{RECENT_STEPS}_steps": value for key, value in recent.items()}
             metrics["train_seconds"] = round(train_seconds, 1)
             metrics["images_per_second"] = round(images / train_seconds, 1) if train_seconds > 0 else None

@@ -5,14 +5,29 @@ from torch import nn
 from conditioning import TextEncoder, TextEncoderConfig
 from ldm.data.shapes import POSITIONS, ShapesDataset
 from ldm.evaluation.geometry import NO_OBJECT, geometric_positions
-from ldm.evaluation.text_pathway import ATTRIBUTES, attribute_pairs, text_pathway
+from ldm.evaluation.text_pathway import (
+    ATTRIBUTES,
+    PROBE_FIT,
+    PROBE_TEST,
+    attribute_pairs,
+    labelled_captions,
+    text_pathway,
+)
 
 
-def test_pairs_differ_in_one_attribute_alone():
+def test_pairs_differ_in_one_attribute_alone_word_for_word():
     for attribute in ATTRIBUTES:
-        for first, second in attribute_pairs(attribute, 20):
-            assert first != second
-            assert len(first.split()) == len(second.split()) or attribute == "position"
+        for first, second in attribute_pairs(attribute, 40):
+            words, other = first.split(), second.split()
+            assert len(words) == len(other)  # no word moves: "center" pairs with "left", not "top left"
+            changed = [i for i, (a, b) in enumerate(zip(words, other)) if a != b]
+            assert 1 <= len(changed) <= 2 and changed == list(range(changed[0], changed[-1] + 1))
+
+
+def test_the_probe_is_scored_on_captions_it_was_not_fitted_on():
+    fit, _ = labelled_captions(PROBE_FIT, 0)
+    test, labels = labelled_captions(PROBE_TEST, 1, exclude=frozenset(fit))
+    assert len(test) == PROBE_TEST == len(labels["shape"]) and not set(test) & set(fit)
 
 
 class PositionBlind(nn.Module):

@@ -24,10 +24,12 @@ def test_schedule_warms_up_then_follows_its_shape_and_stops_at_stop_at():
     assert cosine(110) == pytest.approx(0.1)
 
 
-def test_train_schedule_is_the_train_sections_factor():
-    tc = TrainConfig(steps=200, warmup_steps=20, lr=3e-4, min_lr_ratio=0.2)
-    for step in (0, 19, 20, 120, 199):
-        assert train_schedule(tc)(step) == pytest.approx(tc.lr * learning_rate_factor(step, tc))
+def test_train_schedule_follows_the_train_sections_warmup_cosine_and_floor():
+    tc = TrainConfig(steps=220, warmup_steps=20, lr=3e-4, lr_schedule="cosine", min_lr_ratio=0.2)
+    expected = {0: 3e-4 / 20, 19: 3e-4, 20: 3e-4, 120: 3e-4 * (0.2 + 0.8 * 0.5), 220: 3e-4 * 0.2}
+    for step, lr in expected.items():
+        assert train_schedule(tc)(step) == pytest.approx(lr)
+        assert learning_rate_factor(step, tc) == pytest.approx(lr / tc.lr)
 
 
 def test_a_partial_text_encoder_section_keeps_the_stages_own_defaults():
@@ -66,18 +68,21 @@ def test_text_encoder_trains_in_its_own_group_and_stops_at_freeze_after(tiny_con
         snapshots[len(snapshots)] = (
             [group["lr"] for group in optimizer.param_groups],
             [p.detach().clone() for p in encoder_group["params"]],
+            all(p.grad is None for p in encoder_group["params"]),  # out of the clipped norm once frozen
         )
         return result
 
     with caplog.at_level("INFO"), pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.optim.AdamW, "step", record)
-        train_diffusion(cfg, tmp_path / "run")
-    assert [lrs for lrs, _ in snapshots.values()] == [[1e-3, 1e-2]] * 3 + [[1e-3, 0.0]] * 3
+        metrics = train_diffusion(cfg, tmp_path / "run")
+    assert [lrs for lrs, _, _ in snapshots.values()] == [[1e-3, 1e-2]] * 3 + [[1e-3, 0.0]] * 3
+    assert [no_grads for _, _, no_grads in snapshots.values()] == [False] * 3 + [True] * 3
     # From step 3 on the encoder's weights (its layers and its caption rows) no longer move.
     for step in (4, 5):
         for before, after in zip(snapshots[3][1], snapshots[step][1], strict=True):
             assert torch.equal(before, after)
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0][1], snapshots[2][1], strict=True))
+    assert metrics["lr_by_group"] == {"unet": 1e-3, "text_encoder": 0.0}
     assert "trains text encoder" in caplog.text and "frozen from step 3" in caplog.text
     assert "caption rows train" in caplog.text
 
