@@ -93,6 +93,7 @@ def test_gpu_configs_keep_what_their_partial_sections_say(name):
     eps with the paper's min-SNR, and a frozen pretrained CLIP with its 77 tokens."""
     cfg = load_config(DiffusionExperimentConfig, REPO_ROOT / "configs" / name, ["autoencoder=vae"])
     assert (cfg.noise.prediction, cfg.loss.min_snr_gamma, cfg.loss.min_snr_of) == ("eps", 5.0, "snr")
+    assert cfg.loss.timestep_sampling == "uniform"
     assert cfg.text_encoder.pretrained and cfg.text_encoder.frozen and cfg.text_encoder.max_length == 77
     assert cfg.text_encoder.lr is None and cfg.text_encoder.token_rows == "all"
 
