@@ -20,7 +20,7 @@ def test_pairs_differ_in_one_attribute_alone_word_for_word():
         for first, second in attribute_pairs(attribute, 40):
             words, other = first.split(), second.split()
             assert len(words) == len(other)  # no word moves: "center" pairs with "left", not "top left"
-            changed = [i for i, (a, b) in enumerate(zip(words, other)) if a != b]
+            changed = [i for i, (a, b) in enumerate(zip(words, other, strict=True)) if a != b]
             assert 1 <= len(changed) <= 2 and changed == list(range(changed[0], changed[-1] + 1))
 
 
