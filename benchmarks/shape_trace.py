@@ -65,10 +65,8 @@ def read(pipe: LatentDiffusionPipeline, probe: torch.nn.Module, latents: torch.T
 def x0_estimate(pipe: LatentDiffusionPipeline, x_t: torch.Tensor, t: torch.Tensor, conditioning: torch.Tensor):
     """The U-Net's estimate of the clean latent from x_t under `conditioning`."""
     d = pipe.diffusion
-    out = pipe.unet(x_t, d.model_timesteps(t), encoder_hidden_states=conditioning).sample
-    if d.prediction == "x0":
-        return out
-    return d.x0_from_v(x_t, t, out) if d.prediction == "v" else d.x0_from_eps(x_t, t, out)
+    prediction, _ = d.split_output(pipe.unet(x_t, d.model_timesteps(t), encoder_hidden_states=conditioning).sample)
+    return d.predict_x0_eps(prediction, x_t, t)[0]
 
 
 @torch.no_grad()
@@ -109,14 +107,13 @@ def main() -> None:
     for level in (50, 100, 300, 500, 700, 900):
         t = torch.full((args.images,), level)
         x_t = d.q_sample(z0, t, noise)
-        ab = float(d.coef.alphas_cumprod[level])
         x_right, x_wrong = x0_estimate(pipe, x_t, t, right), x0_estimate(pipe, x_t, t, swapped)
         r, e = read(pipe, probe, x_right, truth), read(pipe, probe, x0_estimate(pipe, x_t, t, empty), truth)
         w_true = read(pipe, probe, x_wrong, {"shape": truth["shape"]})["shape"]
         w_named = read(pipe, probe, x_wrong, {"shape": wrong})["shape"]
         rms = float((x_right - z0).pow(2).mean().sqrt())
         print(
-            f"| {level} | {((1 - ab) / ab) ** 0.5:.2f} | {r['shape']:.1f} | {e['shape']:.1f} | {w_true:.1f} | "
+            f"| {level} | {float(d.snr(t[:1])) ** -0.5:.2f} | {r['shape']:.1f} | {e['shape']:.1f} | {w_true:.1f} | "
             f"{w_named:.1f} | {r['color']:.1f} | {rms:.3f} |"
         )
 
