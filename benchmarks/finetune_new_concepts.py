@@ -27,9 +27,9 @@ import torch
 
 from ldm.data.shapes import COLORS, SHAPES, ShapesDataset
 from ldm.evaluation.evaluate import reconstruction_probe_accuracy
-from ldm.evaluation.fidelity import JUDGED, FidelityPrompts, SweepPoint, prompt_fidelity
+from ldm.evaluation.fidelity import JUDGED, FidelityPrompts, prompt_fidelity, sweep_point
 from ldm.evaluation.probe import ProbeConfig, accuracy, load_or_train_probe, shapes_tensors
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 
 NEW = {"shapes": (*SHAPES, "cross"), "colors": (*COLORS, "pink")}
 RESOLUTION = 32
@@ -109,7 +109,7 @@ def main() -> None:
     rows = []
     for name, folder in models.items():
         pipe = LatentDiffusionPipeline.from_pretrained(folder)
-        point = SweepPoint(pipe.defaults.guidance_scale, 50, "ddim", args.seed)
+        point = sweep_point(pipe.defaults.guidance_scale, 50, "ddim", args.seed)
         row = {"model": name, "folder": folder, "guidance_scale": point.guidance_scale}
         for which, prompts in sets.items():
             row[which] = {k: 100 * v for k, v in prompt_fidelity(pipe, probe, prompts, point).items()}

@@ -58,12 +58,12 @@ from benchmarks.generation_support import (
 )
 from ldm.data.shapes import BACKGROUNDS, COLORS
 from ldm.diffusion import slerp
+from ldm.diffusion.sampler_table import SAMPLER_NAMES
 from ldm.evaluation.fidelity import JUDGED, FidelityPrompts
 from ldm.evaluation.probe import AttributeProbe, ProbeConfig, load_or_train_probe
+from ldm.generation import LatentDiffusionPipeline
+from ldm.generation.inputs import image_batch
 from ldm.images import to_pil
-from ldm.model_folder import SAMPLERS
-from ldm.pipeline import LatentDiffusionPipeline
-from ldm.pipeline_inputs import image_batch
 
 log = logging.getLogger("generation")
 
@@ -346,8 +346,9 @@ def pictures(bench: Bench, frames: int = 8) -> None:
 def sampler_steps(text: str) -> tuple[str, int]:
     """A --rows entry, "dpmpp_2m:10", as ("dpmpp_2m", 10)."""
     sampler, _, steps = text.partition(":")
-    if sampler not in SAMPLERS or not steps.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)}")
+    if sampler not in SAMPLER_NAMES or not steps.isdigit():
+        names = ", ".join(SAMPLER_NAMES)
+        raise argparse.ArgumentTypeError(f"{text!r} is not SAMPLER:STEPS with SAMPLER one of {names}")
     return sampler, int(steps)
 
 

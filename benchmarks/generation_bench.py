@@ -18,8 +18,8 @@ from PIL import Image
 
 from benchmarks.generation_support import unet_evaluations
 from ldm.evaluation.probe import AttributeProbe
+from ldm.generation import LatentDiffusionPipeline
 from ldm.images import image_grid, to_unit_range
-from ldm.pipeline import LatentDiffusionPipeline
 
 log = logging.getLogger("generation")
 SEED = 0

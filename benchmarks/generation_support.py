@@ -21,8 +21,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from ldm.data.shapes import CAPTION_TEMPLATES, JITTER_STEP, POSITION_CENTER, SIZE_EXTENT, ShapesDataset
 from ldm.evaluation.probe import AttributeProbe
+from ldm.generation import LatentDiffusionPipeline
 from ldm.images import to_pil
-from ldm.pipeline import LatentDiffusionPipeline
 
 SPLIT_SEED = 1  # FidelityPrompts' held-out seed, apart from training's
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.evaluation.fidelity import GEOMETRIC, JUDGED, FidelityPrompts, SweepPoint, prompt_fidelity
+from ldm.evaluation.fidelity import GEOMETRIC, JUDGED, FidelityPrompts, prompt_fidelity, sweep_point
 from ldm.evaluation.probe import ProbeConfig, load_or_train_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,14 +60,14 @@ def read_stage_1(out: Path, probe: torch.nn.Module) -> dict[str, float]:
 
 
 def read_stage_2(out: Path, probe: torch.nn.Module, num_prompts: int) -> dict[str, float]:
-    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.generation import LatentDiffusionPipeline
 
     pipeline = LatentDiffusionPipeline.from_pretrained(out / "pipeline")
     row = {}
     for split in ("heldout", "compositional"):
         prompts = FidelityPrompts.of_split(split, num_prompts, pipeline.default_size)
         for w in (1.0, pipeline.defaults.guidance_scale):
-            accuracy = prompt_fidelity(pipeline, probe, prompts, SweepPoint(w, 50, "ddim", 0))
+            accuracy = prompt_fidelity(pipeline, probe, prompts, sweep_point(w, 50, "ddim", 0))
             row |= {f"{split} w={w:g} {k}": 100 * accuracy[k] for k in (*JUDGED, GEOMETRIC)}
     pathway = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["text_pathway"]
     return row | {f"text {k} distance": v["distance"] for k, v in pathway.items() if k != "norm"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 from ldm.serve import ServeLimits, create_app, serve_in_background
 
 PROMPTS = ["a red circle on a white background", "a blue square on a yellow background"]

@@ -22,7 +22,7 @@ import torch
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesDataset, render_scene
 from ldm.evaluation.probe import ProbeConfig, load_or_train_probe
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 
 CAPTION = "a {size} {color} {shape} at the {position} on a {background} background"
 READ = ("shape", "color", "size", "position")

@@ -74,7 +74,7 @@ DEFAULT_VARIANTS = [name for name in VARIANTS if name != "ours_compiled"]
 
 def experiment(vae_dir: Path, steps: int, variant: Variant):
     """The quickstart's stage-2 config with the plain eps objective and no caption dropout (as the example)."""
-    from ldm.noise_schedule import NoiseScheduleConfig
+    from ldm.generation.noise_schedule import NoiseScheduleConfig
     from ldm.training import DiffusionExperimentConfig
 
     cfg = DiffusionExperimentConfig(autoencoder=str(vae_dir), noise=NoiseScheduleConfig())  # eps, as the example

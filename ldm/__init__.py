@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LatentDiffusionPipeline", "PipelineOutput", "SamplingDefaults"]
+__all__ = ["GenerationRequest", "LatentDiffusionPipeline", "PipelineOutput", "SamplingDefaults"]
 
 if TYPE_CHECKING:
-    from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput, SamplingDefaults
+    from ldm.generation import GenerationRequest, LatentDiffusionPipeline, PipelineOutput, SamplingDefaults
 
 
 def __getattr__(name: str) -> Any:
     """PEP 562: import the pipeline module when one of its names is first asked for."""
     if name in __all__:
-        from ldm import pipeline
+        import ldm.generation
 
-        return getattr(pipeline, name)
+        return getattr(ldm.generation, name)
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")

@@ -55,7 +55,7 @@ def test_autoencoder_resolution_is_checked_against_a_pretrained_vae(vae_f4):
         (["train.learning_rate=1e-4"], "unknown key 'train.learning_rate'"),
         (["unet.block_out_channels=wide"], "unet.block_out_channels: expected a list"),
         (["train.ema_decay=high"], "train.ema_decay: expected a number"),
-        (["validation.sampler=euler"], "validation.sampler: 'euler' is not one of 'ddim', 'ddpm'"),
+        (["validation.sampler=euler"], "validation: sampler: must be one of ddim, ddpm, dpmpp_2m"),
         (["train.ema_decay=1.0"], "ema_decay: must be in [0, 1)"),
         (["data.resolution=30"], "data.resolution: 30 is not a multiple of the downsampling factor f=4"),
         (["data.resolution=36"], "36 gives 9x9 latents (f=4), which the U-Net's 2 levels cannot halve 1 times"),

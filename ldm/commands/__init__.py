@@ -64,9 +64,9 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 class SamplerChoices:
-    """The pipeline's sampler names (`ldm.model_folder.SAMPLERS`) as argparse `choices`, read only when argparse
-    checks a --sampler or prints a usage: the tuple's module imports diffusers, which would make registering
-    the option (and so `ldm --help`) take seconds."""
+    """The sampler names (`ldm.diffusion.SAMPLER_NAMES`) as argparse `choices`, read only when argparse checks a
+    --sampler or prints a usage: the table's module imports torch, which would make registering the option (and
+    so `ldm --help`) take seconds."""
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
@@ -76,9 +76,9 @@ class SamplerChoices:
 
     @staticmethod
     def _names() -> tuple[str, ...]:
-        from ldm.model_folder import SAMPLERS
+        from ldm.diffusion.sampler_table import SAMPLER_NAMES
 
-        return SAMPLERS
+        return SAMPLER_NAMES
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:

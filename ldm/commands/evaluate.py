@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ldm.commands import CommandError, resolve_device
-    from ldm.model_folder import check_model_folder
+    from ldm.generation.model_folder import check_model_folder
 
     model, device = Path(args.model), resolve_device(args.device)
     try:  # before any work: a missing component would otherwise surface deep inside the evaluation
@@ -98,7 +98,7 @@ def _evaluate_data(args: argparse.Namespace, model: Path, device: str) -> int:
     from ldm.config import ConfigError
     from ldm.evaluation import DataEvaluationConfig, evaluate_on_data, open_heldout
     from ldm.evaluation.heldout import check_resolution
-    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.generation import LatentDiffusionPipeline
 
     num_samples = DEFAULT_NUM_SAMPLES if args.num_samples is None else args.num_samples
     for flag, value in (("--num-samples", num_samples), ("--bound-latents", args.bound_latents)):

@@ -11,9 +11,10 @@ from ldm.commands import add_device_argument, add_dtype_argument, add_model_argu
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions, so `ldm --help` is instant
     from PIL.Image import Image
-    from torch import Generator, Tensor
+    from torch import Tensor
 
-    from ldm.pipeline import LatentDiffusionPipeline, SamplingSettings
+    from ldm.diffusion.thresholding import Threshold
+    from ldm.generation import GenerationRequest, LatentDiffusionPipeline
 
 DEFAULT_OUT = "outputs/generate"
 STRIP_COLUMNS = 10  # denoising-strip frames, x_T .. x_0 evenly spaced
@@ -28,6 +29,19 @@ OUR_SAMPLER_FLAGS = {
     "--resample": "resample",
     "--trajectory": "trajectory",
 }
+# The request fields whose flag has another name; the rest are --field-with-dashes.
+FLAGS = {
+    "num_inference_steps": "--steps",
+    "num_images_per_prompt": "--num-images",
+    "karras_sigmas": "--karras",
+    "image": "--init-image",
+    "mask_image": "--mask",
+    "paste_unmasked": "--no-paste",
+    "return_trajectory": "--trajectory",
+    "prompt": "PROMPT",
+} | {name: "--" + name.replace("_", "-") for name in (
+    "negative_prompt", "guidance_scale", "guidance_rescale", "sampler", "eta", "scheduler", "height", "width",
+    "seed", "latents", "prompt_embeds", "strength", "resample")}  # fmt: skip
 # Named when --scheduler is given no scheduler class and nothing close to its name.
 SCHEDULER_EXAMPLES = (
     "DDIMScheduler",
@@ -148,49 +162,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ldm.commands import CommandError, resolve_device, torch_dtype
-    from ldm.pipeline import LatentDiffusionPipeline
-    from ldm.pipeline_settings import sides_of_latents
+    from ldm.generation import LatentDiffusionPipeline
 
-    if args.num_images < 1:
-        raise CommandError(f"--num-images: must be >= 1, got {args.num_images}")
     check_options(args)
     scheduler_class = diffusers_scheduler(args.scheduler) if args.scheduler is not None else None
     # The input files are read before the model loads, so a mistyped path fails at once.
-    extra = pipeline_arguments(args)
-    prompts = prompt_names(args.prompts, extra.get("prompt_embeds"), args.prompt_embeds)
+    request = generation_request(args, scheduler_class)
+    prompts = prompt_names(args.prompts, request.prompt_embeds, args.prompt_embeds)
     device = resolve_device(args.device)
-    try:  # a bad folder or option is the user's to fix: one line, no traceback
+    try:  # a bad folder is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(
             args.model, torch_dtype=torch_dtype(args.dtype), device=device, variant=args.variant
         )
-        if args.lora is not None:
-            apply_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
-        # The settings are resolved (and passed whole) before the call, so the size x_T implies is taken here
-        # as the pipeline takes it: `ldm invert` of an image of another size writes such latents.
-        height, width = args.height, args.width
-        if "image" not in extra:
-            height, width = sides_of_latents(extra.get("latents"), pipe.vae_scale_factor, height, width)
-        settings = pipe.resolve_settings(
-            args.guidance_scale, args.steps, args.sampler, args.eta, height, width, karras_sigmas=args.karras_sigmas
-        )
-    except (OSError, ValueError) as err:  # a missing or corrupt component, or an invalid option
+    except (OSError, ValueError) as err:  # a missing or corrupt component
         raise CommandError(str(err)) from err
-    if scheduler_class is not None:
-        # A diffusers scheduler replaces our sampler, so none of our sampler's settings is passed with it.
-        scheduler = scheduler_class.from_config(pipe.scheduler_config)
-        extra |= {"scheduler": scheduler, "sampler": None, "eta": None, "karras_sigmas": None}
-    paths = generate_images(
-        pipe,
-        prompts,
-        Path(args.out),
-        args.seed,
-        settings,
-        args.num_images,
-        args.negative_prompt,
-        args.trajectory,
-        extra,
-    )
-    for path in paths:
+    if args.lora is not None:
+        apply_lora(pipe, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
+    for path in generate_images(pipe, request, prompts, Path(args.out)):
         print(path)
     return 0
 
@@ -225,10 +213,6 @@ def check_options(args: argparse.Namespace) -> None:
         raise CommandError("--no-paste: needs --mask (it is about the pixels outside the mask)")
     if args.threshold_max is not None and args.dynamic_threshold is None:
         raise CommandError("--threshold-max: needs --dynamic-threshold (it bounds the dynamic threshold)")
-    if args.static_threshold is not None and not args.static_threshold > 0:
-        raise CommandError(f"--static-threshold: must be > 0, got {args.static_threshold}")
-    if args.dynamic_threshold is not None and not 0 < args.dynamic_threshold <= 1:
-        raise CommandError(f"--dynamic-threshold: must be in (0, 1], got {args.dynamic_threshold}")
 
 
 def apply_lora(pipe: LatentDiffusionPipeline, path: str, scale: float) -> None:
@@ -241,33 +225,59 @@ def apply_lora(pipe: LatentDiffusionPipeline, path: str, scale: float) -> None:
         raise CommandError(f"--lora: {err}") from err
 
 
-def pipeline_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline keyword arguments beyond the sampling settings: guidance rescale, thresholds, the files
-    given to --latents, --prompt-embeds, --init-image and --mask; unset options are left out (pipeline defaults)."""
+def generation_request(args: argparse.Namespace, scheduler: type | None) -> GenerationRequest:
+    """The request the flags ask for, with the files given to --latents, --prompt-embeds, --init-image and --mask
+    read (CommandError naming the flag when one cannot be); unset flags stay None (the folder's defaults)."""
     from ldm.commands import open_image
+    from ldm.generation import GenerationRequest
+
+    files: dict[str, Any] = {}
+    if args.latents is not None:
+        files["latents"] = read_tensors(args.latents, "--latents", ("latents",))["latents"]
+    if args.prompt_embeds is not None:
+        files |= read_tensors(args.prompt_embeds, "--prompt-embeds", ("prompt_embeds",), ("negative_prompt_embeds",))
+    if args.init_image is not None:
+        files["image"] = open_image(args.init_image, "--init-image", "RGB")
+    if args.mask is not None:
+        files["mask_image"] = open_image(args.mask, "--mask", "L")
+    return GenerationRequest(
+        prompt=None if args.prompt_embeds is not None else args.prompts,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        num_inference_steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        karras_sigmas=args.karras_sigmas,
+        threshold=threshold_of(args),
+        scheduler=scheduler,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+        strength=args.strength,
+        resample=1 if args.resample is None else args.resample,
+        paste_unmasked=args.paste_unmasked,
+        return_trajectory=args.trajectory,
+        **files,
+    )
+
+
+def threshold_of(args: argparse.Namespace) -> Threshold | None:
+    """The x0 clipping --static-threshold or --dynamic-threshold (with --threshold-max) asks for."""
+    from ldm.commands import CommandError
     from ldm.diffusion import DynamicThreshold, StaticThreshold
 
-    extra: dict[str, Any] = {"guidance_rescale": args.guidance_rescale}
-    if args.static_threshold is not None:
-        extra["threshold"] = StaticThreshold(args.static_threshold)
-    if args.dynamic_threshold is not None:
-        limit = float("inf") if args.threshold_max is None else args.threshold_max
-        extra["threshold"] = DynamicThreshold(args.dynamic_threshold, limit)
-    if args.latents is not None:
-        extra["latents"] = read_tensors(args.latents, "--latents", ("latents",))["latents"]
-    if args.prompt_embeds is not None:
-        embeds = read_tensors(args.prompt_embeds, "--prompt-embeds", ("prompt_embeds",), ("negative_prompt_embeds",))
-        extra |= {"prompt": None, **embeds}
-    if args.init_image is not None:
-        extra["image"] = open_image(args.init_image, "--init-image", "RGB")
-    if args.mask is not None:
-        extra["mask_image"] = open_image(args.mask, "--mask", "L")
-        extra["paste_unmasked"] = args.paste_unmasked
-    extra |= {name: getattr(args, name) for name in ("strength", "resample") if getattr(args, name) is not None}
-    if args.init_image is not None:
-        # The pipeline sizes the call by the image; the model's default size would contradict it.
-        extra |= {"height": args.height, "width": args.width}
-    return extra
+    try:
+        if args.static_threshold is not None:
+            return StaticThreshold(args.static_threshold)
+        if args.dynamic_threshold is not None:
+            limit = float("inf") if args.threshold_max is None else args.threshold_max
+            return DynamicThreshold(args.dynamic_threshold, limit)
+    except ValueError as err:  # "limit: ..." / "percentile: ...": named here by the flag
+        flag = "--static-threshold" if args.static_threshold is not None else "--dynamic-threshold"
+        raise CommandError(f"{flag}: {str(err).split(': ', 1)[-1]}") from err
+    return None
 
 
 def read_tensors(path: str, flag: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -338,67 +348,35 @@ def diffusers_scheduler(name: str) -> type:
 
 
 def generate_images(
-    pipe: LatentDiffusionPipeline,
-    prompts: list[str],
-    out: Path,
-    seed: int,
-    settings: SamplingSettings,
-    num_images_per_prompt: int = 1,
-    negative_prompt: str | None = None,
-    trajectory: bool = False,
-    extra: dict[str, Any] | None = None,
+    pipe: LatentDiffusionPipeline, request: GenerationRequest, names: list[str], out: Path
 ) -> list[Path]:
-    """Sample, then write each image, the grid (one row per prompt) and, with `trajectory`, one strip per
-    prompt; returns the paths written. `extra` holds more pipeline keyword arguments, which override the ones
-    built here (e.g. prompt=None with prompt_embeds); the pipeline's ValueErrors become CommandErrors."""
+    """Draw `request`, then write each image (named after `names`, one per prompt), the grid (one row per prompt)
+    and, when it returns its trajectory, one strip per prompt; returns the paths written. The pipeline's
+    ValueErrors (an invalid field, named by the message) become CommandErrors."""
     from ldm.commands import CommandError
     from ldm.images import evenly_spaced, image_grid
 
-    extra = extra or {}
-    step_noise = settings.stochastic or "mask_image" in extra  # inpainting noises the kept region at every step
-    arguments = {
-        "prompt": prompts,
-        "negative_prompt": negative_prompt,
-        "num_images_per_prompt": num_images_per_prompt,
-        "generator": sampling_generator(pipe, seed, step_noise),
-        "output_type": "pil",  # the pipeline decodes (and pastes an inpainted image's unmasked pixels)
-        "return_trajectory": trajectory,
-        **vars(settings),
-        **extra,
-    }
     try:
-        result = pipe(**arguments)
-    except ValueError as err:  # an invalid argument (named by the message) is the user's to fix
-        raise CommandError(str(err)) from err
-    images = result.images
+        result = pipe.generate(request)
+    except ValueError as err:  # an invalid setting (named by the message) is the user's to fix
+        raise CommandError(flag_message(err)) from err
+    images, per_prompt = result.images, request.num_images_per_prompt
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        paths.append(out / f"{i:03d}-{slug(prompts[i // num_images_per_prompt])}.png")
+        paths.append(out / f"{i:03d}-{slug(names[i // per_prompt])}.png")
         image.save(paths[-1])
     scale = max(1, MIN_TILE // min(images[0].size))
     paths.append(out / "grid.png")
-    image_grid(images, rows=len(prompts), scale=scale).save(paths[-1])
-    if trajectory:
+    image_grid(images, rows=len(names), scale=scale).save(paths[-1])
+    if result.trajectory is not None:
         frames = evenly_spaced(result.trajectory.shape[0], STRIP_COLUMNS)
-        for p, prompt in enumerate(prompts):
-            images_of_prompt = range(p * num_images_per_prompt, (p + 1) * num_images_per_prompt)
-            tiles = [
-                t
-                for b in images_of_prompt
-                for t in denoising_strip(pipe, result.trajectory, result.trajectory_x0, frames, b)
-            ]
-            paths.append(out / f"trajectory-{p:02d}-{slug(prompt)}.png")
-            image_grid(tiles, rows=2 * num_images_per_prompt, scale=scale).save(paths[-1])
+        for p, name in enumerate(names):
+            rows = range(p * per_prompt, (p + 1) * per_prompt)
+            tiles = [t for b in rows for t in denoising_strip(pipe, result.trajectory, result.trajectory_x0, frames, b)]
+            paths.append(out / f"trajectory-{p:02d}-{slug(name)}.png")
+            image_grid(tiles, rows=2 * per_prompt, scale=scale).save(paths[-1])
     return paths
-
-
-def sampling_generator(pipe: LatentDiffusionPipeline, seed: int, step_noise: bool) -> Generator:
-    """The seeded generator of a pipeline call: on the CPU, which draws the same x_T on every device, unless the
-    call draws noise at every step (a stochastic sampler, inpainting), which must come from the sampling device."""
-    import torch
-
-    return torch.Generator(pipe.device if step_noise else "cpu").manual_seed(seed)
 
 
 def denoising_strip(
@@ -414,6 +392,12 @@ def denoising_strip(
     x_t = trajectory[frames, index]  # (K, C, h, w)
     x0 = torch.stack([trajectory_x0[j, index] if j < steps else trajectory[steps, index] for j in frames])
     return to_pil(pipe.decode(x_t)) + to_pil(pipe.decode(x0))
+
+
+def flag_message(err: ValueError) -> str:
+    """A request's error ("field: what is wrong") in the command line's words ("--flag: what is wrong")."""
+    field, sep, rest = str(err).partition(": ")
+    return f"{FLAGS[field]}: {rest}" if sep and field in FLAGS else str(err)
 
 
 def slug(prompt: str, max_length: int = 40) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -55,9 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ldm.commands import CommandError, resolve_device
-    from ldm.commands.generate import MIN_TILE, sampling_generator
+    from ldm.commands.generate import MIN_TILE
+    from ldm.generation import GenerationRequest, LatentDiffusionPipeline
     from ldm.images import image_grid, write_animation
-    from ldm.pipeline import LatentDiffusionPipeline
 
     for flag, value, least in (("--frames", args.frames, 2), ("--batch-size", args.batch_size, 1)):
         if value < least:
@@ -68,26 +69,20 @@ def _run(args: argparse.Namespace) -> int:
     weights = frame_weights(args.frames)
     try:  # a bad folder, option or prompt is the user's to fix: one line, no traceback
         pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=device, variant=args.variant)
-        settings = pipe.resolve_settings(
-            args.guidance_scale, args.steps, args.sampler, karras_sigmas=args.karras_sigmas
-        )
-        f = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, settings.height // f, settings.width // f)  # (1, C, h, w)
+        f, side = pipe.vae_scale_factor, pipe.default_size
+        shape = (1, pipe.unet.config.in_channels, side // f, side // f)  # (1, C, h, w)
         latents = interpolated_noise(shape, args.seed_a, args.seed_b, weights)  # (N, C, h, w)
         cond_a, uncond = pipe.encode_prompt([args.prompt_a])  # (1, L, D) each
         cond_b = cond_a if args.prompt_b is None else pipe.encode_prompt([args.prompt_b])[0]
         embeds = interpolated_embeddings(cond_a, cond_b, weights)  # (N, L, D)
+        sampling = GenerationRequest(
+            guidance_scale=args.guidance_scale, num_inference_steps=args.steps, sampler=args.sampler,
+            karras_sigmas=args.karras_sigmas, negative_prompt_embeds=uncond, seed=args.seed_a,
+        )  # fmt: skip
         frames = []
         for start in range(0, args.frames, args.batch_size):
             batch = slice(start, start + args.batch_size)
-            result = pipe(
-                prompt_embeds=embeds[batch],
-                negative_prompt_embeds=uncond,
-                latents=latents[batch],
-                generator=sampling_generator(pipe, args.seed_a, settings.stochastic),
-                **vars(settings),
-            )
-            frames += result.images
+            frames += pipe.generate(replace(sampling, prompt_embeds=embeds[batch], latents=latents[batch])).images
     except (OSError, ValueError) as err:
         raise CommandError(str(err)) from err
 

@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from ldm.commands import CommandError, open_image, resolve_device
-    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.generation import LatentDiffusionPipeline
 
     image = open_image(args.image, "IMAGE", "RGB")
     device = resolve_device(args.device)

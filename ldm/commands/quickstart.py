@@ -63,8 +63,8 @@ def run_quickstart(
     output), then a grid drawn from the saved folder; prints the summary, returns the grid's path."""
     import torch
 
+    from ldm.generation import LatentDiffusionPipeline
     from ldm.images import save_image_grid
-    from ldm.pipeline import LatentDiffusionPipeline
     from ldm.training import train_autoencoder, train_diffusion
 
     timings: dict[str, float] = {}

@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ldm.commands import CommandError, resolve_device, torch_dtype
     from ldm.commands.generate import apply_lora
-    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.generation import LatentDiffusionPipeline
     from ldm.serve import ServeLimits, create_app
 
     try:

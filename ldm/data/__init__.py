@@ -4,8 +4,9 @@ Every source yields items `{"pixel_values": (3, H, W) float32 in [-1, 1], "capti
 `collate_examples` stacks them into `{"pixel_values": (B, 3, H, W), "captions": [...]}`.
 """
 
+from ldm.data.build import build_dataset
 from ldm.data.collate import collate_examples
-from ldm.data.config import DataConfig, build_dataset
+from ldm.data.config import DataConfig
 from ldm.data.image_folder import FolderSummary, ImageFolderDataset
 from ldm.data.shapes import (
     BACKGROUNDS,

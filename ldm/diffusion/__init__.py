@@ -1,6 +1,7 @@
 """The diffusion math: schedules, forward process, posteriors, losses, the bound and samplers.
 
-It imports torch only and knows no network: models are callables `model(x_t, t, **kwargs)`.
+It imports torch, numpy, einops and tqdm (progress bars) only, and knows no network: models are callables
+`model(x_t, t, **kwargs)`. `SAMPLERS` (ldm.diffusion.sampler_table) names every sampler the pipeline runs.
 """
 
 from ldm.diffusion.dpm_solver import dpmpp_2m_step, sample_dpmpp_2m, sample_dpmpp_2m_sde
@@ -11,6 +12,7 @@ from ldm.diffusion.interpolation import slerp
 from ldm.diffusion.inversion import ddim_invert
 from ldm.diffusion.likelihood import discretized_gaussian_log_likelihood, gaussian_log_likelihood, normal_kl
 from ldm.diffusion.losses import min_snr_weight, training_losses
+from ldm.diffusion.sampler_table import SAMPLER_NAMES, SAMPLERS, Sampler
 from ldm.diffusion.samplers import (
     SampleOutput,
     ddim_step,
@@ -33,19 +35,10 @@ from ldm.diffusion.thresholding import DynamicThreshold, StaticThreshold
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS, logit_normal_probabilities, sample_timesteps
 from ldm.diffusion.vlb import BoundTerms, bits_per_dim, prior_bpd, vlb_terms_bpd
 
-# Every sampler by the name the pipeline, the CLI and model folders use; each takes (model, diffusion, x_T)
-# and sample_ddim's keyword arguments (eta only for "ddim").
-SAMPLERS = {
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "euler_ancestral": sample_euler_ancestral,
-}
-
 __all__ = [
     "DIFFUSERS_SCHEDULE_NAMES",
     "SAMPLERS",
+    "SAMPLER_NAMES",
     "TIMESTEP_SAMPLINGS",
     "BoundTerms",
     "DynamicThreshold",
@@ -54,6 +47,7 @@ __all__ = [
     "PMeanVariance",
     "Prediction",
     "SampleOutput",
+    "Sampler",
     "StaticThreshold",
     "Variance",
     "bits_per_dim",

@@ -76,7 +76,16 @@ class _OnDevice(NamedTuple):
     """The schedule's arrays copied to one device."""
 
     coef: _Coefficients
-    timesteps: torch.Tensor  # (T,) int64: the timestep value the network sees at each index
+    timesteps: torch.Tensor  # (T,) int64 (float32 when fractional): the timestep value the network sees at each index
+
+
+def _model_timesteps(timesteps: np.ndarray | list[int] | list[float]) -> np.ndarray:
+    """The timesteps told to the network: int64, or float32 when some are fractional (diffusers' Euler schedulers
+    tell a U-Net t = 946.42 on `linspace` spacing, as a float32 tensor)."""
+    values = np.asarray(timesteps)
+    if np.issubdtype(values.dtype, np.floating) and (values != np.round(values)).any():
+        return values.astype(np.float32)
+    return values.astype(np.int64)
 
 
 def _coefficients(betas: np.ndarray, final_alphabar: float = 1.0) -> _Coefficients:
@@ -113,7 +122,8 @@ class GaussianDiffusion:
     """A discrete-time Gaussian diffusion process over T steps, built from its betas.
 
     `timesteps` are the timestep values the network is conditioned on, one per index; they differ from
-    0 .. T-1 only in a respaced process (see `respaced`), which samples over a subset of a longer chain.
+    0 .. T-1 only in a respaced process (see `respaced`), which samples over a subset of a longer chain, and are
+    fractional only at levels between a chain's timesteps (`at_levels`, Euler ancestral on `linspace` spacing).
     `coef` holds the arrays on the host; `coefficients(device)` the same arrays on a device, copied once.
     """
 
@@ -135,7 +145,7 @@ class GaussianDiffusion:
         self.prediction = Prediction(prediction)
         self.variance = Variance(variance)
         self.num_timesteps = len(betas)
-        self.timesteps = np.arange(len(betas)) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
+        self.timesteps = np.arange(len(betas)) if timesteps is None else _model_timesteps(timesteps)
         if self.timesteps.shape != betas.shape:
             raise ValueError("timesteps must have one entry per beta")
         self.final_alphabar = float(final_alphabar)

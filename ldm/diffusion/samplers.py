@@ -108,14 +108,22 @@ def sampling_chain(
     steps_offset: int = 0,
     karras_sigmas: bool = False,
     final_alphabar: float = 1.0,
+    fractional_linspace: bool = False,
 ) -> GaussianDiffusion:
     """The process a sampler walks: the full chain, its respacing to `num_steps` timesteps, or with `karras_sigmas`
     the `num_steps` Karras et al. noise levels between the chain's smallest and largest sigma (each told to the
     network as the timestep of its sigma, interpolated in log sigma and rounded, as diffusers does; `spacing`
-    then plays no part). Its last step lands on `final_alphabar` (see `GaussianDiffusion.at_levels`)."""
+    then plays no part). Its last step lands on `final_alphabar` (see `GaussianDiffusion.at_levels`).
+
+    `fractional_linspace` is how diffusers' Euler schedulers read `linspace` spacing: the timesteps
+    t_i = i (T - 1) / (n - 1) are not rounded, each level's sigma = sqrt((1 - abar) / abar) is interpolated
+    linearly in t between the chain's integer timesteps, and the network is told the fractional t_i.
+    DDIM, DDPM and DPM-Solver round them (the default). Other spacings are integer either way."""
     if karras_sigmas:
         return _karras_chain(diffusion, diffusion.num_timesteps if num_steps is None else num_steps, final_alphabar)
     num_steps = diffusion.num_timesteps if num_steps is None else num_steps
+    if fractional_linspace and spacing == "linspace":
+        return _fractional_linspace_chain(diffusion, num_steps, final_alphabar)
     if num_steps == diffusion.num_timesteps and steps_offset == 0 and final_alphabar == diffusion.final_alphabar:
         return diffusion
     timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps, spacing, steps_offset)
@@ -132,6 +140,18 @@ def _karras_chain(diffusion: GaussianDiffusion, num_steps: int, final_alphabar: 
     log_sigmas = 0.5 * (np.log1p(-abar) - np.log(abar))  # ascending in t
     sigmas = karras_noise_levels(float(np.exp(log_sigmas[0])), float(np.exp(log_sigmas[-1])), num_steps)[::-1]
     timesteps = np.interp(np.log(sigmas), log_sigmas, np.arange(len(abar))).round().astype(np.int64)
+    return diffusion.at_levels(1.0 / (1.0 + sigmas**2), timesteps, final_alphabar)
+
+
+def _fractional_linspace_chain(
+    diffusion: GaussianDiffusion, num_steps: int, final_alphabar: float
+) -> GaussianDiffusion:
+    spaced_timesteps(diffusion.num_timesteps, num_steps, "linspace")  # the same checks of num_steps
+    # diffusers: np.linspace(0, T - 1, n, dtype=np.float32), and np.interp of its sigmas at those t.
+    timesteps = np.linspace(0, diffusion.num_timesteps - 1, num_steps, dtype=np.float32).astype(np.float64)
+    abar = diffusion.coef.alphas_cumprod.numpy()
+    with np.errstate(divide="ignore"):  # zero terminal SNR: sigma_{T-1} = inf, visited only at t = T - 1 itself
+        sigmas = np.interp(timesteps, np.arange(len(abar)), np.sqrt((1 - abar) / abar))
     return diffusion.at_levels(1.0 / (1.0 + sigmas**2), timesteps, final_alphabar)
 
 
@@ -205,8 +225,24 @@ def sample_ddim(
     )  # fmt: skip
 
 
+@torch.no_grad()
 def sample_euler_ancestral(
-    model: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor, *, num_steps: int = 50, **kwargs: Any
+    model: ModelFn,
+    diffusion: GaussianDiffusion,
+    x_T: torch.Tensor,
+    *,
+    num_steps: int = 50,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    karras_sigmas: bool = False,
+    threshold: Threshold | None = None,
+    start_step: int = 0,
+    inpaint: Inpainting | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    callback: StepCallback | None = None,
+    progress: bool = True,
 ) -> SampleOutput:
     """Euler ancestral sampling (k-diffusion's `sample_euler_ancestral`, diffusers' EulerAncestralDiscreteScheduler).
 
@@ -215,11 +251,19 @@ def sample_euler_ancestral(
     sigma_up^2 = sigma_t^2 - sigma_down^2. Back in x, with q = SNR_s / SNR_t, that is
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (sqrt(q) eps + sqrt(1 - q) z), and sqrt(1 - abar_t) sqrt(1 - q) is
     exactly DDIM's sigma at eta = 1. So this *is* DDIM with eta = 1, noise drawn at every step as diffusers
-    draws it; the tests pin it against EulerAncestralDiscreteScheduler. Takes sample_ddim's keyword arguments.
+    draws it, over diffusers' Euler levels: on `linspace` spacing unrounded timesteps with interpolated sigmas
+    (`sampling_chain`'s `fractional_linspace`). The tests pin it against EulerAncestralDiscreteScheduler. Takes
+    sample_ddpm's keyword arguments (no eta: it is 1; for other values use sample_ddim).
     """
-    if "eta" in kwargs:
-        raise ValueError("sample_euler_ancestral: eta is fixed at 1 (for other values use sample_ddim)")
-    return sample_ddim(model, diffusion, x_T, num_steps=num_steps, eta=1.0, name="Euler a", **kwargs)
+    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas, fractional_linspace=True)
+
+    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ddim_step(chain, output, x, t, 1.0, _randn_like(x, generator), threshold)
+
+    return run_chain(
+        model, chain, x_T, step, model_kwargs=model_kwargs, start_step=start_step, inpaint=inpaint,
+        generator=generator, return_trajectory=return_trajectory, callback=callback, progress=progress, name="Euler a",
+    )  # fmt: skip
 
 
 def run_chain(

@@ -2,7 +2,7 @@
 on the held-out split of the user's own data, the autoencoder, the bound, FID / KID and the CLIP score."""
 
 from ldm.evaluation.evaluate import EvaluationConfig, evaluate_model
-from ldm.evaluation.fidelity import FidelityPrompts, SweepPoint, prompt_fidelity
+from ldm.evaluation.fidelity import FidelityPrompts, prompt_fidelity, sweep_label, sweep_point
 from ldm.evaluation.heldout import HeldoutData, load_data_config, open_heldout
 from ldm.evaluation.own_data import DataEvaluationConfig, evaluate_on_data
 from ldm.evaluation.probe import AttributeProbe, ProbeConfig, load_or_train_probe, train_probe
@@ -14,12 +14,13 @@ __all__ = [
     "FidelityPrompts",
     "HeldoutData",
     "ProbeConfig",
-    "SweepPoint",
     "evaluate_model",
     "evaluate_on_data",
     "load_data_config",
     "load_or_train_probe",
     "open_heldout",
     "prompt_fidelity",
+    "sweep_label",
+    "sweep_point",
     "train_probe",
 ]

@@ -6,7 +6,7 @@ import torch
 
 from autoencoder.posterior import DiagonalGaussian
 from ldm.diffusion.vlb import bits_per_dim
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 
 
 @torch.no_grad()

@@ -16,14 +16,21 @@ from autoencoder.model import KLAutoencoder
 from ldm.data import collate_examples
 from ldm.data.shapes import ShapesDataset
 from ldm.evaluation.bound import heldout_latent_bound
-from ldm.evaluation.fidelity import FidelityPrompts, SweepPoint, chance_accuracy, prompt_fidelity
+from ldm.evaluation.fidelity import (
+    SWEEP_FIELDS,
+    FidelityPrompts,
+    chance_accuracy,
+    prompt_fidelity,
+    sweep_label,
+    sweep_point,
+)
 from ldm.evaluation.machine import describe_machine
 from ldm.evaluation.pretrained import pretrained_scores, reconstruction_fid
 from ldm.evaluation.probe import AttributeProbe, ProbeConfig, accuracy, load_or_train_probe, shapes_tensors
 from ldm.evaluation.report import plot_sweep, write_report
 from ldm.evaluation.text_pathway import summary_line, text_pathway
+from ldm.generation import GenerationRequest, LatentDiffusionPipeline
 from ldm.images import save_image_grid
-from ldm.pipeline import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +94,13 @@ def evaluate_model(
     default_w = pipeline.defaults.guidance_scale
 
     def guidance_sweep(captions: FidelityPrompts) -> list[dict[str, Any]]:
-        points = [SweepPoint(w, cfg.guidance_sweep_steps, "ddim", cfg.seed) for w in cfg.guidance_scales]
+        points = [sweep_point(w, cfg.guidance_sweep_steps, "ddim", cfg.seed) for w in cfg.guidance_scales]
         return [_row(p, prompt_fidelity(pipeline, probe, captions, p), f"{p.guidance_scale:g}") for p in points]
 
     guidance_rows = guidance_sweep(prompts)
     compositional_rows = guidance_sweep(novel_prompts)
-    step_settings = [SweepPoint(default_w, n, "ddim", cfg.seed) for n in cfg.ddim_steps]
-    step_settings.append(SweepPoint(default_w, cfg.ddpm_steps, "ddpm", cfg.seed))
+    step_settings = [sweep_point(default_w, n, "ddim", cfg.seed) for n in cfg.ddim_steps]
+    step_settings.append(sweep_point(default_w, cfg.ddpm_steps, "ddpm", cfg.seed))
     step_rows = [
         _row(s, prompt_fidelity(pipeline, probe, prompts, s), f"{s.sampler}\n{s.num_inference_steps}")
         for s in step_settings
@@ -118,7 +125,8 @@ def evaluate_model(
 
     sample_prompts = prompts.captions[:8]
     generator = torch.Generator(pipeline.device).manual_seed(cfg.seed)
-    grid_images = pipeline(sample_prompts, num_images_per_prompt=4, generator=generator, progress=False).images
+    grid = GenerationRequest(sample_prompts, num_images_per_prompt=4, generator=generator, progress=False)
+    grid_images = pipeline.generate(grid).images
     save_image_grid(grid_images, out / "samples.png", rows=len(sample_prompts), scale=max(1, 64 // resolution))
     (out / "samples_prompts.txt").write_text("\n".join(sample_prompts) + "\n", encoding="utf-8")
 
@@ -151,5 +159,5 @@ def reconstruction_probe_accuracy(
     return accuracy(probe, reconstructions, labels)
 
 
-def _row(settings: SweepPoint, accuracy: dict[str, float], tick: str) -> dict[str, Any]:
-    return {"label": settings.label(), "tick": tick, "settings": asdict(settings), "accuracy": accuracy}
+def _row(point: GenerationRequest, accuracy: dict[str, float], tick: str) -> dict[str, Any]:
+    return {"label": sweep_label(point), "tick": tick, "settings": point.settings(SWEEP_FIELDS), "accuracy": accuracy}

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ldm.data.shapes import COLORS, SHAPES, ShapesDataset
 from ldm.evaluation.geometry import geometric_positions
 from ldm.evaluation.probe import AttributeProbe, attribute_classes
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import GenerationRequest, LatentDiffusionPipeline
 
 # The attributes every prompt names and every fidelity table reports ("all" = colour, shape and background
 # right at once).
@@ -43,18 +43,22 @@ class FidelityPrompts:
         return cls.of_split("compositional", count, resolution, seed)
 
 
-@dataclass(frozen=True)
-class SweepPoint:
-    """One point of the evaluation's sweep: a guidance scale, a sampler and its steps, and the seed of its images."""
+# What a sweep point records of its request (metrics.json, the report).
+SWEEP_FIELDS = ("guidance_scale", "num_inference_steps", "sampler", "seed")
 
-    guidance_scale: float
-    num_inference_steps: int
-    sampler: str = "ddim"
-    seed: int = 0
 
-    def label(self) -> str:
-        """How the report names this point, e.g. "ddim 50 steps, w=4"."""
-        return f"{self.sampler} {self.num_inference_steps} steps, w={self.guidance_scale:g}"
+def sweep_point(
+    guidance_scale: float, num_inference_steps: int, sampler: str = "ddim", seed: int = 0
+) -> GenerationRequest:
+    """One point of the evaluation's sweep: the request of a guidance scale, a sampler and its steps, and the seed
+    of its images (the prompts are each batch's)."""
+    return GenerationRequest(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
+                             seed=seed, output_type="np", progress=False)  # fmt: skip
+
+
+def sweep_label(point: GenerationRequest) -> str:
+    """How the report names a sweep point, e.g. "ddim 50 steps, w=4"."""
+    return f"{point.sampler} {point.num_inference_steps} steps, w={point.guidance_scale:g}"
 
 
 @torch.no_grad()
@@ -62,28 +66,21 @@ def prompt_fidelity(
     pipeline: LatentDiffusionPipeline,
     probe: AttributeProbe,
     prompts: FidelityPrompts,
-    settings: SweepPoint,
+    point: GenerationRequest,
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Per-attribute accuracy of the generated images against their prompts (the probe's), the position read from
     the pixels too (GEOMETRIC), the share with colour, shape and background all right, and the sampling wall time
     per image (text encoding, U-Net, VAE decode)."""
-    generator = torch.Generator(pipeline.device).manual_seed(settings.seed)
+    # One generator for all batches, on the device (the point's seed, drawn on from batch to batch).
+    generator = torch.Generator(pipeline.device).manual_seed(point.seed)
     hits = dict.fromkeys((*JUDGED, GEOMETRIC), 0)
     all_right = 0
     seconds = 0.0
     for start in range(0, len(prompts.captions), batch_size):
         captions = prompts.captions[start : start + batch_size]
         began = time.perf_counter()
-        images = pipeline(
-            captions,
-            guidance_scale=settings.guidance_scale,
-            num_inference_steps=settings.num_inference_steps,
-            sampler=settings.sampler,
-            generator=generator,
-            output_type="np",
-            progress=False,
-        ).images
+        images = pipeline.generate(replace(point, prompt=captions, seed=None, generator=generator)).images
         seconds += time.perf_counter() - began
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1
         predicted = probe.predict(pixels) | {GEOMETRIC: geometric_positions(pixels * 0.5 + 0.5)}

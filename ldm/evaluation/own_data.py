@@ -25,7 +25,14 @@ from autoencoder.evaluate import evaluate_reconstruction
 from autoencoder.model import KLAutoencoder
 from ldm.config import to_dict
 from ldm.evaluation.bound import heldout_latent_bound
-from ldm.evaluation.fidelity import FidelityPrompts, SweepPoint, chance_accuracy, prompt_fidelity
+from ldm.evaluation.fidelity import (
+    SWEEP_FIELDS,
+    FidelityPrompts,
+    chance_accuracy,
+    prompt_fidelity,
+    sweep_label,
+    sweep_point,
+)
 from ldm.evaluation.heldout import HeldoutData, check_resolution, heldout_batches
 from ldm.evaluation.machine import describe_machine
 from ldm.evaluation.pretrained import (
@@ -38,8 +45,8 @@ from ldm.evaluation.pretrained import (
 )
 from ldm.evaluation.probe import ProbeConfig, load_or_train_probe
 from ldm.evaluation.report import write_data_report
+from ldm.generation import LatentDiffusionPipeline
 from ldm.images import save_image_grid, to_pil
-from ldm.pipeline import LatentDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -259,13 +266,13 @@ def shapes_probe_fidelity(
     probe_cfg = replace(cfg.probe, resolution=pipeline.default_size, shapes=data.shapes, colors=data.colors)
     probe, probe_accuracy = load_or_train_probe(probe_cfg, out / "probe")
     d = pipeline.defaults
-    point = SweepPoint(d.guidance_scale, d.num_inference_steps, d.sampler, cfg.seed)
+    point = sweep_point(d.guidance_scale, d.num_inference_steps, d.sampler, cfg.seed)
     return {
         "num_prompts": len(prompts.captions),
         "resolution": pipeline.default_size,
         "probe_heldout_accuracy": probe_accuracy,
         "probe_config": asdict(probe_cfg),
         "chance": chance_accuracy(tuple(probe_cfg.shapes), tuple(probe_cfg.colors)),
-        "default_sampling": {"label": point.label(), "settings": asdict(point),
+        "default_sampling": {"label": sweep_label(point), "settings": point.settings(SWEEP_FIELDS),
                              "accuracy": prompt_fidelity(pipeline, probe, prompts, point, cfg.batch_size)},
     }  # fmt: skip

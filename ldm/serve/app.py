@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import ldm
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 from ldm.serve.png import png_with_settings
 from ldm.serve.requests import RequestError, ServeLimits, parse_body, resolve_request
 from ldm.serve.schema import ErrorResponse, GenerateRequest, GenerateResponse, Health, ModelInfo
@@ -175,7 +175,8 @@ def create_app(
 
 def model_info(pipe: LatentDiffusionPipeline, limits: ServeLimits, folder: str | Path | None) -> dict:
     """GET /v1/model's answer: the folder's parts and defaults, the sizes it draws and the server's limits."""
-    from ldm.model_folder import MODEL_INDEX, SAMPLERS
+    from ldm.diffusion.sampler_table import SAMPLER_NAMES
+    from ldm.generation.model_folder import MODEL_INDEX
 
     local = Path(folder).resolve() if folder is not None and Path(folder).is_dir() else None
     components = {}
@@ -188,7 +189,7 @@ def model_info(pipe: LatentDiffusionPipeline, limits: ServeLimits, folder: str |
         "folder": str(local or folder or ""),
         "components": components,
         "defaults": asdict(pipe.defaults),
-        "samplers": list(SAMPLERS),
+        "samplers": list(SAMPLER_NAMES),
         "default_size": pipe.default_size,
         "size_multiple": pipe.size_multiple,
         "max_prompt_tokens": pipe.text_encoder.max_length,

@@ -12,16 +12,16 @@ import binascii
 import io
 import json
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from ldm.diffusion.sdedit import sdedit_steps
-from ldm.pipeline import LatentDiffusionPipeline, SamplingSettings
-from ldm.pipeline_inputs import image_batch
-from ldm.pipeline_settings import editing_strength, sized_like
+from ldm.generation import GenerationRequest, LatentDiffusionPipeline
+from ldm.generation.checks import OutOfRange
+from ldm.generation.inputs import image_batch
+from ldm.generation.request import SAMPLING_FIELDS
 from ldm.serve.schema import SEED_RANGE, GenerateRequest
 
 # pydantic error types -> our codes; anything else is invalid_value.
@@ -68,34 +68,30 @@ class RequestError(Exception):
 class GenerationSpec:
     """One checked request: what the worker runs. Image i is drawn with seeds[i]."""
 
-    prompt: str
-    negative_prompt: str | None
-    settings: SamplingSettings
+    request: GenerationRequest  # resolved against the model: every default filled in, the image as a tensor
     seeds: list[int]
-    image: torch.Tensor | None  # (1, 3, H, W) in [0, 1]
-    strength: float | None
-    preview_every: int
 
     @property
     def steps_run(self) -> int:
         """Sampler steps per image: all, or image to image's last share of them."""
-        steps = self.settings.num_inference_steps
-        return steps if self.image is None else sdedit_steps(steps, self.strength)
+        return self.request.steps_run
 
     @property
-    def batch_key(self) -> SamplingSettings | None:
+    def batch_key(self) -> tuple | None:
         """Requests with equal keys are sampled in one call; None: alone. Only deterministic text-to-image
         batches, because there each image depends on its own x_T alone, so batching cannot change it."""
-        if self.settings.stochastic or self.image is not None:
+        r = self.request
+        if r.draws_step_noise or r.image is not None:
             return None
-        return self.settings
+        return (*r.settings(SAMPLING_FIELDS).values(), r.preview_every)
 
     def settings_json(self, seed: int) -> dict:
         """The request body that draws the image of `seed` again, every default filled in."""
-        body = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, **asdict(self.settings)}
+        r = self.request
+        body = {"prompt": r.prompt, "negative_prompt": r.negative_prompt, **r.settings(SAMPLING_FIELDS)}
         body |= {"seed": seed, "num_images_per_prompt": 1}
-        if self.image is not None:
-            body["strength"] = self.strength
+        if r.image is not None:
+            body["strength"] = r.strength
         return body
 
 
@@ -144,32 +140,19 @@ def resolve_request(request: GenerateRequest, pipe: LatentDiffusionPipeline, lim
         if value is not None and value > side_limit:
             raise out_of_range(field, f"at most {side_limit} pixels on this server", value)
     pixels = decode_image(request.image, side_limit) if request.image is not None else None
+    # The HTTP fields are the generation request's own; image arrives as base64, seed as one per request.
+    given = request.model_dump(exclude={"image", "seed", "num_images_per_prompt"})
     try:
-        settings = pipe.resolve_settings(
-            request.guidance_scale,
-            request.num_inference_steps,
-            request.sampler,
-            request.eta,
-            request.height,
-            request.width,
-            request.karras_sigmas,
-        )
-        if pixels is not None:
-            settings = sized_like(settings, pipe.geometry, pixels, request.height, request.width)
-        # strength without an image is an error; with one, its default is filled in
-        strength = editing_strength(pixels is not None, request.strength, None, 1, True, settings.num_inference_steps)
+        resolved = pipe.resolve(GenerationRequest(**given, image=pixels))
     except ValueError as err:  # the pipeline's messages start with the argument's name
         raise pipeline_error(err) from err
-    seed = secrets.randbelow(SEED_RANGE[1] + 1) if request.seed is None else request.seed
-    return GenerationSpec(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        settings=settings,
-        seeds=[seed + i for i in range(request.num_images_per_prompt)],
-        image=pixels,
-        strength=strength if pixels is not None else None,
-        preview_every=request.preview_every,
-    )
+    # Image i is drawn with seed + i, and each of those seeds must replay from its PNG: the last one in range too.
+    count = request.num_images_per_prompt
+    last = SEED_RANGE[1] - (count - 1)
+    if request.seed is not None and request.seed > last:
+        raise out_of_range("seed", f"at most {last} for {count} images (image i: seed + i)", request.seed)
+    seed = secrets.randbelow(last + 1) if request.seed is None else request.seed
+    return GenerationSpec(resolved, seeds=[seed + i for i in range(count)])
 
 
 def check_prompt(prompt: str | None, field: str, pipe: LatentDiffusionPipeline, limits: ServeLimits) -> None:
@@ -213,7 +196,8 @@ def pipeline_error(err: ValueError) -> RequestError:
     """A pipeline ValueError ("name: what is wrong") as a 422 naming the field."""
     message = str(err)
     name = message.split(":", 1)[0]
-    return RequestError(422, "invalid_value", name if name in FIELDS else None, message)
+    code = "out_of_range" if isinstance(err, OutOfRange) else "invalid_value"
+    return RequestError(422, code, name if name in FIELDS else None, message)
 
 
 def out_of_range(field: str, allowed: str, got: object) -> RequestError:

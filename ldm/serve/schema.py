@@ -1,48 +1,61 @@
 """The HTTP API's request and response bodies (pydantic models, which also write its OpenAPI description).
 
-A request uses the pipeline's own argument names. Types are strict (JSON 20 is an int, "20" is not) and an
-unknown field is an error, so a typo such as `guidance` is named instead of silently ignored. Limits that
-depend on the model or on the server's flags (sizes, steps, images, prompt tokens) are checked in
-`ldm.serve.requests`.
+A request is the generation request's own fields (`HTTP_FIELDS`). Types are strict (JSON 20 is an int, "20" is
+not) and an unknown field is an error, so a typo such as `guidance` is named instead of silently ignored. Limits
+that depend on the model or on the server's flags (sizes, steps, images, prompt tokens) are checked in
+`ldm.serve.requests`; every other value is checked by the request's own resolve.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ldm.diffusion.sampler_table import SAMPLER_NAMES
+from ldm.generation.request import GenerationRequest, field_doc
 
 SEED_RANGE = (0, 2**32 - 1)  # the page keeps seeds as JavaScript numbers, exact below 2^53
 
 
-class GenerateRequest(BaseModel):
-    """`POST /v1/generate`: one prompt, its images and how to sample them; unset fields take the model's defaults."""
+# The HTTP request is the generation request's fields that JSON can carry, with their descriptions and defaults;
+# here only what differs on the wire: a JSON type (one prompt, a base64 image, one seed) and the server's bounds.
+# Every other check is the request's own resolve (ldm.generation.request), answered as 422 naming the field.
+HTTP_FIELDS: dict[str, tuple[object, dict]] = {
+    "prompt": (str, {"default": ...}),
+    "negative_prompt": (str | None, {}),
+    "guidance_scale": (float | None, {"le": 100}),
+    "num_inference_steps": (int | None, {}),
+    "sampler": (Literal[SAMPLER_NAMES] | None, {}),  # type: ignore[valid-type]
+    "eta": (float | None, {}),
+    "karras_sigmas": (bool | None, {}),
+    "seed": (int | None, {"ge": SEED_RANGE[0], "le": SEED_RANGE[1], "description": "image i is drawn with seed + i; "
+                          "unset: a random seed, returned with the images"}),
+    "height": (int | None, {}),
+    "width": (int | None, {}),
+    "num_images_per_prompt": (int, {"ge": 1}),
+    "image": (str | None, {"description": "image-to-image: the start image, a base64 PNG or JPEG (a data: URL is "
+                           "accepted)"}),
+    "strength": (float | None, {}),
+    "preview_every": (int, {"ge": 0, "description": "streaming only: send the decoded x0 prediction every this "
+                                                    "many steps (0: never)"}),
+}  # fmt: skip
 
-    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="the text to draw ('' samples the unconditional model)")
-    negative_prompt: str | None = Field(None, description="guide away from this text instead of ''")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="w; 1 = no guidance (default: model's)")
-    num_inference_steps: int | None = Field(None, ge=1, description="sampling steps (default: model's)")
-    sampler: str | None = Field(None, description="one of GET /v1/model's `samplers` (default: model's)")
-    eta: float | None = Field(None, ge=0, le=1, description="DDIM's noise, 0 = deterministic (ddim only)")
-    karras_sigmas: bool | None = Field(None, description="step through Karras et al.'s noise levels")
-    seed: int | None = Field(
-        None,
-        ge=SEED_RANGE[0],
-        le=SEED_RANGE[1],
-        description="image i is drawn with seed + i; unset: a random seed, returned with the images",
-    )
-    height: int | None = Field(None, ge=1, description="pixels (default: the model's size, or the image's)")
-    width: int | None = Field(None, ge=1, description="pixels (default: the model's size, or the image's)")
-    num_images_per_prompt: int = Field(1, ge=1, description="how many images to draw")
-    image: str | None = Field(
-        None, description="image-to-image: the start image, a base64 PNG or JPEG (a data: URL is accepted)"
-    )
-    strength: float | None = Field(None, gt=0, le=1, description="with image: how much of the chain to run")
-    preview_every: int = Field(
-        0, ge=0, description="streaming only: send the decoded x0 prediction every this many steps (0: never)"
-    )
+def _http_field(name: str, json_type: object, overrides: dict) -> tuple[object, object]:
+    default = next(f.default for f in fields(GenerationRequest) if f.name == name)
+    settings = {"default": default, "description": field_doc(name)} | overrides
+    return json_type, Field(**settings)
+
+
+GenerateRequest = create_model(
+    "GenerateRequest",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="`POST /v1/generate`: one prompt, its images and how to sample them; unset fields take the model's "
+    "defaults.",
+    **{name: _http_field(name, json_type, overrides) for name, (json_type, overrides) in HTTP_FIELDS.items()},
+)
 
 
 class GeneratedImage(BaseModel):

@@ -23,15 +23,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from ldm.commands.generate import sampling_generator
-from ldm.images import to_pil
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import GenerationRequest, LatentDiffusionPipeline
 from ldm.serve.requests import GenerationSpec, RequestError, pipeline_error
 
 logger = logging.getLogger(__name__)
@@ -194,77 +191,54 @@ class GenerationQueue:
             start += count
 
     def _sample_batch(self, jobs: list[Job]) -> list[Image.Image]:
-        """Deterministic text to image for all `jobs` in one call: image i of a job from x_T drawn with its seed
-        on the CPU, as `ldm generate --seed` draws it."""
-        pipe, spec = self.pipe, jobs[0].spec
-        s = spec.settings
-        f = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, s.height // f, s.width // f)
-        seeds = [seed for job in jobs for seed in job.spec.seeds]
-        latents = torch.cat(
-            [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=pipe.device,
-                          dtype=pipe.dtype) for seed in seeds]
-        )  # fmt: skip
-        negatives = [job.spec.negative_prompt for job in jobs for _ in job.spec.seeds]
-        return pipe(
-            prompt=[job.spec.prompt for job in jobs for _ in job.spec.seeds],
+        """Deterministic text to image for all `jobs` in one call: image i of a job from x_T drawn alone with its
+        seed on the CPU, as `ldm generate --seed` draws it."""
+        r = jobs[0].spec.request
+        negatives = [job.spec.request.negative_prompt for job in jobs for _ in job.spec.seeds]
+        counts = [len(job.spec.seeds) for job in jobs]
+        batch = replace(
+            r,
+            prompt=[job.spec.request.prompt for job in jobs for _ in job.spec.seeds],
             negative_prompt=None if not any(negatives) else [n or "" for n in negatives],
-            latents=latents,
+            seeds=tuple(seed for job in jobs for seed in job.spec.seeds),
             progress=False,
-            callback=self._step_callback(jobs, [len(job.spec.seeds) for job in jobs]),
-            **vars(s),
-        ).images
+        )
+        return self.pipe.generate(self._with_events(batch, jobs, counts)).images
 
     def _sample_one_by_one(self, job: Job) -> list[Image.Image]:
-        """A stochastic sampler or image to image: each image its own call with its own seeded generator, as
-        `ldm generate --seed` runs it (the sampler's step noise comes from that generator)."""
-        spec, pipe = job.spec, self.pipe
+        """A stochastic sampler or image to image: each image its own call seeded with its own seed, as
+        `ldm generate --seed` runs it (the sampler's step noise comes from that seed's generator)."""
         images = []
-        for i, seed in enumerate(spec.seeds):
-            extra = {} if spec.image is None else {"image": spec.image, "strength": spec.strength}
-            images += pipe(
-                prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt,
-                generator=sampling_generator(pipe, seed, spec.settings.stochastic),
-                progress=False,
-                callback=self._step_callback([job], [1], call=i, calls=len(spec.seeds)),
-                **vars(spec.settings),
-                **extra,
-            ).images
+        for i, seed in enumerate(job.spec.seeds):
+            one = replace(job.spec.request, seed=seed, progress=False)
+            images += self.pipe.generate(self._with_events(one, [job], [1], call=i, calls=len(job.spec.seeds))).images
         return images
 
-    def _step_callback(self, jobs: list[Job], counts: list[int], call: int = 0, calls: int = 1) -> Callable[..., None]:
-        """After each step: stop when every job is cancelled; else tell each job its progress over all `calls`
-        calls, with its images' decoded x0 predictions every `preview_every` steps (only those rows are
-        decoded). Job j owns the next counts[j] rows of the call's batch."""
+    def _with_events(
+        self, request: GenerationRequest, jobs: list[Job], counts: list[int], call: int = 0, calls: int = 1
+    ) -> GenerationRequest:
+        """`request` with callbacks that, after each step, stop the call when every job is cancelled, else tell
+        each job its progress over all `calls` calls and hand it its rows of the previews (every job of a batch
+        asks for the same preview_every). Job j owns the next counts[j] rows of the call's batch."""
         ends = list(itertools.accumulate(counts))
         rows = [slice(end - count, end) for count, end in zip(counts, ends, strict=True)]
         steps = jobs[0].spec.steps_run  # every job of a call runs the same steps
+        previews: dict[int, list[Image.Image]] = {}
+
+        def on_preview(step: int, images: list[Image.Image]) -> None:
+            previews[step] = images
 
         def on_step(step: int, t: int, latents: torch.Tensor, pred_x0: torch.Tensor) -> None:
             if all(job.cancelled.is_set() for job in jobs):
                 raise Cancelled
-            done = step + 1
-            live = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.cancelled.is_set()]
-            wanted = [i for i, (job, _) in enumerate(live) if wants_preview(job.spec.preview_every, done, steps)]
-            previews = dict(zip(wanted, self._decode_rows(pred_x0, [live[i][1] for i in wanted]), strict=True))
-            for i, (job, _) in enumerate(live):
-                event = {"event": "progress", "step": call * steps + done, "steps": calls * steps}
-                if i in previews:
-                    event["previews"] = previews[i]
+            images = previews.pop(step, None)
+            for job, row in zip(jobs, rows, strict=True):
+                if job.cancelled.is_set():
+                    continue
+                event = {"event": "progress", "step": call * steps + step + 1, "steps": calls * steps}
+                if images is not None:
+                    event["previews"] = images[row]
                 job.on_event(event)
 
-        return on_step
-
-    def _decode_rows(self, pred_x0: torch.Tensor, rows: list[slice]) -> list[list[Image.Image]]:
-        """The images of x0's `rows` (one list per slice), decoded together."""
-        if not rows:
-            return []
-        images = to_pil(self.pipe.decode(torch.cat([pred_x0[row] for row in rows])))
-        ends = list(itertools.accumulate(row.stop - row.start for row in rows))
-        return [images[end - (row.stop - row.start) : end] for row, end in zip(rows, ends, strict=True)]
-
-
-def wants_preview(every: int, done: int, steps: int) -> bool:
-    """A preview every `every` steps (0: never), but not after the last step, whose x0 is the image itself."""
-    return every > 0 and done % every == 0 and done < steps
+        wants_previews = request.preview_every > 0
+        return replace(request, callback=on_step, on_preview=on_preview if wants_previews else None)

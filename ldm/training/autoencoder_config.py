@@ -51,7 +51,7 @@ class AutoencoderExperimentConfig:
         levels = len(self.model.block_out_channels)
         factor, where = self.model.downsampling_factor, f"model.block_out_channels has {levels} levels"
         if self.model.pretrained is not None:  # then the folder's own config decides (None: a hub id)
-            from ldm.model_folder import vae_downsampling_factor
+            from ldm.generation.model_folder import vae_downsampling_factor
 
             factor, where = vae_downsampling_factor(self.model.pretrained), f"model.pretrained {self.model.pretrained}"
         if factor is not None and self.data.resolution % factor:

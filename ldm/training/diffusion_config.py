@@ -11,8 +11,13 @@ from conditioning import TextEncoderConfig
 from ldm.data import DataConfig
 from ldm.diffusion.losses import MIN_SNR_OF
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS
-from ldm.model_folder import SCHEDULER_CONFIG, SamplingDefaults, read_scheduler_config, vae_downsampling_factor
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation.model_folder import (
+    SCHEDULER_CONFIG,
+    SamplingDefaults,
+    read_scheduler_config,
+    vae_downsampling_factor,
+)
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from ldm.training.config import TrainConfig
 from ldm.unet import UNetConfig
 
@@ -93,7 +98,6 @@ class ValidationConfig(SamplingDefaults):
     """The sample grid written every `train.sample_every` steps and at the end (fixed prompts and seed). Its
     sampling settings are the model folder's `SamplingDefaults`: the exported model recommends them."""
 
-    guidance_scale: float = 4.0
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
     images_per_prompt: int = 4
     seed: int = 0
@@ -108,6 +112,11 @@ class ValidationConfig(SamplingDefaults):
     def sampling_defaults(self) -> SamplingDefaults:
         """The sampling settings alone, as the model folder records them."""
         return SamplingDefaults(**{f.name: getattr(self, f.name) for f in fields(SamplingDefaults)})
+
+
+def _cpu_validation() -> ValidationConfig:
+    # w = 4 follows the prompt best on the quickstart model (docs/prompt_adherence.md); SD's 7.5 oversaturates it.
+    return ValidationConfig(guidance_scale=4.0)
 
 
 def _cpu_text_encoder() -> TextEncoderConfig:
@@ -155,7 +164,7 @@ class DiffusionExperimentConfig:
     noise: NoiseScheduleConfig = field(default_factory=_cpu_noise)
     loss: DiffusionLossConfig = field(default_factory=_cpu_loss)
     train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    validation: ValidationConfig = field(default_factory=_cpu_validation)
 
     def __post_init__(self) -> None:
         if not self.autoencoder.strip():

@@ -26,9 +26,9 @@ from ldm.data.buckets import use_buckets
 from ldm.data.latent_shards import LatentShardSource
 from ldm.diffusion import GaussianDiffusion, sample_timesteps, training_losses
 from ldm.evaluation.text_pathway import scalar_logs, summary_line, text_pathway
+from ldm.generation import GenerationRequest, LatentDiffusionPipeline
+from ldm.generation.lora_weights import LORA_WEIGHT_NAME
 from ldm.images import save_image_grid
-from ldm.lora_weights import LORA_WEIGHT_NAME
-from ldm.pipeline import LatentDiffusionPipeline
 from ldm.training.batches import (
     LatentBatches,
     build_train_dataset,
@@ -319,7 +319,8 @@ def write_validation_grid(pipeline: LatentDiffusionPipeline, cfg: DiffusionExper
     """A PNG grid, one row per validation prompt, sampled from `pipeline` with a fixed seed."""
     vc = cfg.validation
     generator = torch.Generator(pipeline.device).manual_seed(vc.seed)
-    images = pipeline(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator).images
+    grid = GenerationRequest(vc.prompts, num_images_per_prompt=vc.images_per_prompt, generator=generator)
+    images = pipeline.generate(grid).images
     save_image_grid(images, path, rows=len(vc.prompts), scale=max(1, 64 // images[0].size[0]))  # small tiles enlarged
 
 

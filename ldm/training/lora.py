@@ -22,8 +22,8 @@ from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ldm.lora_weights import LORA_WEIGHT_NAME, TRAINED_ADAPTER, UNET_PREFIX, adapter_metadata, read_unet_lora
-from ldm.lora_weights import save_unet_lora as save_adapter
+from ldm.generation.lora_weights import LORA_WEIGHT_NAME, TRAINED_ADAPTER, UNET_PREFIX, adapter_metadata, read_unet_lora
+from ldm.generation.lora_weights import save_unet_lora as save_adapter
 from ldm.unet import LoRAConfig
 
 __all__ = [

@@ -5,7 +5,7 @@ import torch
 
 from ldm.data.shapes import NOVEL_COMBINATIONS, combination
 from ldm.evaluation import EvaluationConfig, FidelityPrompts, ProbeConfig, evaluate_model, train_probe
-from ldm.evaluation.fidelity import GEOMETRIC, JUDGED, SweepPoint, prompt_fidelity
+from ldm.evaluation.fidelity import GEOMETRIC, JUDGED, prompt_fidelity, sweep_point
 from ldm.evaluation.probe import ATTRIBUTES, AttributeProbe, load_or_train_probe
 from tests.pipeline.tiny_models import tiny_pipeline
 
@@ -49,7 +49,7 @@ def test_fidelity_scores_match_the_probes_reading():
             {"shape": "square", "color": "red", "background": "green", "size": "small", "position": "left"},
         ],
     )
-    result = prompt_fidelity(tiny_pipeline(), Fixed(), prompts, SweepPoint(2.0, 2))
+    result = prompt_fidelity(tiny_pipeline(), Fixed(), prompts, sweep_point(2.0, 2))
     assert result["shape"] == 0.5 and result["color"] == 1.0 and result["background"] == 0.5
     assert result["size"] == 0.5 and result["position"] == 0.5 and result["all"] == 0.5
     assert result["seconds_per_image"] > 0

@@ -16,8 +16,8 @@ from ldm.evaluation import DataEvaluationConfig, ProbeConfig, evaluate_on_data, 
 from ldm.evaluation.bound import heldout_latent_bound
 from ldm.evaluation.heldout import TRAIN_PATH_NOT_READ
 from ldm.evaluation.pretrained import ClipScore, load_inception, pretrained_scores
-from ldm.noise_schedule import NoiseScheduleConfig
-from ldm.pipeline import LatentDiffusionPipeline, SamplingDefaults
+from ldm.generation import LatentDiffusionPipeline, SamplingDefaults
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.conftest import model_folder, one_thread, pipe  # noqa: F401  (the fixtures, reused)
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_pipeline, tiny_text_encoder
 

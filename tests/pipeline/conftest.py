@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 from tests.pipeline.tiny_models import tiny_pipeline
 
 

@@ -1,5 +1,6 @@
 """`ldm generate` end to end on the tiny saved model folder."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from ldm.cli import main
 from ldm.commands import SamplerChoices
 from ldm.commands.generate import slug
-from ldm.diffusion import DynamicThreshold, StaticThreshold
-from ldm.model_folder import SAMPLERS
-from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput
+from ldm.diffusion import SAMPLER_NAMES, DynamicThreshold, StaticThreshold
+from ldm.generation import GenerationRequest, LatentDiffusionPipeline, PipelineOutput
 from tests.pipeline.tiny_models import IMAGE_SIZE, LATENT_CHANNELS, TEXT_WIDTH
 
 
@@ -74,9 +74,9 @@ def test_generate_writes_images_grid_and_trajectory_strips(model_folder, tmp_pat
     ("extra", "message"),
     [
         ([], "model folder not found"),
-        (["--steps", "0"], "num_inference_steps: must be a positive int"),
-        (["--height", "10"], "height: must be a positive multiple of 4"),
-        (["--num-images", "0"], "--num-images: must be >= 1"),
+        (["--steps", "0"], "--steps: must be a positive int"),
+        (["--height", "10"], "--height: must be a positive multiple of 4"),
+        (["--num-images", "0"], "--num-images: must be a positive int"),
         (["--device", "gpu0"], "--device: 'gpu0' is not a torch device"),
     ],
 )
@@ -122,17 +122,18 @@ def test_prompts_that_look_like_paths_write_only_inside_the_output_folder(model_
 
 @pytest.fixture
 def recorded_calls(monkeypatch):
-    """LatentDiffusionPipeline.__call__ replaced by one that records its keyword arguments and returns black
-    images of the batch's size, so a test sees exactly what the command passes."""
+    """LatentDiffusionPipeline.generate replaced by one that records the request's fields and returns black
+    images of the batch's size, so a test sees exactly what the command asks for."""
     calls = []
 
-    def record(self, **kwargs):
+    def record(self, request):
+        kwargs = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         calls.append(kwargs)
         prompts = kwargs["prompt"] if kwargs["prompt"] is not None else kwargs["prompt_embeds"]
         batch = len(prompts) * kwargs["num_images_per_prompt"]
         return PipelineOutput([Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))] * batch)
 
-    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", record)
+    monkeypatch.setattr(LatentDiffusionPipeline, "generate", record)
     return calls
 
 
@@ -155,8 +156,8 @@ def input_files(tmp_path) -> dict[str, str]:
 
 
 def test_each_sampler_name_is_a_choice():
-    assert tuple(SamplerChoices()) == SAMPLERS
-    assert set(SAMPLERS) == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"}
+    assert tuple(SamplerChoices()) == SAMPLER_NAMES
+    assert set(SAMPLER_NAMES) == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"}
 
 
 @pytest.mark.parametrize(
@@ -164,15 +165,15 @@ def test_each_sampler_name_is_a_choice():
     [
         (["--sampler", "dpmpp_2m_sde"], {"sampler": "dpmpp_2m_sde"}),
         (["--karras"], {"karras_sigmas": True}),
-        ([], {"karras_sigmas": False, "guidance_rescale": 0.0}),  # the folder's default; rescale off
+        ([], {"karras_sigmas": None, "guidance_rescale": 0.0}),  # the folder's default; rescale off
         (["--guidance-rescale", "0.7"], {"guidance_rescale": 0.7}),
         (["--static-threshold", "1.5"], {"threshold": StaticThreshold(1.5)}),
         (["--dynamic-threshold", "0.9"], {"threshold": DynamicThreshold(0.9, float("inf"))}),
         (["--dynamic-threshold", "0.9", "--threshold-max", "3"], {"threshold": DynamicThreshold(0.9, 3.0)}),
         (["--init-image", "{image}", "--strength", "0.5"], {"strength": 0.5, "height": None, "width": None}),
         (["--init-image", "{image}", "--mask", "{mask}", "--resample", "3"], {"resample": 3}),
-        (["--latents", "{latents}"], {"height": 8, "width": 16}),  # the size of the latents' image
-        (["--latents", "{latents}", "--height", "16"], {"height": 16, "width": 16}),
+        (["--latents", "{latents}"], {"height": None, "width": None}),  # the pipeline reads the latents' size
+        (["--latents", "{latents}", "--height", "16"], {"height": 16, "width": None}),
     ],
 )
 def test_each_option_reaches_the_pipeline(
@@ -182,7 +183,7 @@ def test_each_option_reaches_the_pipeline(
     assert main(["generate", "--model", str(model_folder), "a red circle", "--out", str(tmp_path), *options]) == 0
     (call,) = recorded_calls
     assert {name: call[name] for name in expected} == expected
-    assert call["prompt"] == ["a red circle"] and "scheduler" not in call
+    assert call["prompt"] == ["a red circle"] and call["scheduler"] is None
 
 
 def test_files_given_to_options_reach_the_pipeline(model_folder, tmp_path, capsys, recorded_calls, input_files):
@@ -192,7 +193,7 @@ def test_files_given_to_options_reach_the_pipeline(model_folder, tmp_path, capsy
     assert torch.equal(call["latents"], load_file(input_files["latents"])["latents"])
     assert call["image"].mode == "RGB" and call["image"].getpixel((0, 0)) == (200, 30, 30)
     assert call["mask_image"].mode == "L" and call["mask_image"].getpixel((IMAGE_SIZE - 1, 0)) == 255
-    assert "strength" not in call and "resample" not in call  # the pipeline's defaults
+    assert call["strength"] is None and call["resample"] == 1  # the pipeline's defaults
 
 
 def test_prompt_embeds_replace_the_prompts_which_then_only_name_the_files(
@@ -219,8 +220,9 @@ def test_scheduler_option_passes_that_diffusers_scheduler_built_from_the_folder(
     args = ["generate", "--model", str(model_folder), "x", "--out", str(tmp_path), "--scheduler"]
     assert main([*args, "UniPCMultistepScheduler"]) == 0
     (call,) = recorded_calls
-    assert isinstance(call["scheduler"], UniPCMultistepScheduler)
-    assert call["scheduler"].config.beta_schedule == pipe.scheduler_config["beta_schedule"]
+    assert call["scheduler"] is UniPCMultistepScheduler  # the class: the request builds it from the folder's config
+    built = pipe.resolve(GenerationRequest("x", scheduler=call["scheduler"])).scheduler
+    assert built.config.beta_schedule == pipe.scheduler_config["beta_schedule"]
     assert call["sampler"] is None and call["eta"] is None and call["karras_sigmas"] is None  # ours are not used
 
 
@@ -280,7 +282,7 @@ def test_an_invalid_pipeline_argument_is_one_line_naming_it(model_folder, tmp_pa
     with pytest.raises(SystemExit) as info:
         main(["generate", "--model", str(model_folder), "x", "--init-image", input_files["image"], "--strength", "1.5"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith("ldm generate: error: strength: ")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("ldm generate: error: --strength: ")
 
 
 @pytest.mark.parametrize(

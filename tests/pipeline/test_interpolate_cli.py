@@ -9,7 +9,7 @@ from PIL import Image
 
 from ldm.cli import main
 from ldm.commands.interpolate import frame_weights, interpolated_embeddings, interpolated_noise, ping_pong
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 
 TILE = 64  # the tiny model's 16 px frames, enlarged x4 in the strip and the animations
 
@@ -76,13 +76,13 @@ def test_interpolate_calls_the_pipeline_per_batch_with_latents_and_embeddings(
     model_folder, tmp_path, capsys, monkeypatch, pipe
 ):
     calls = []
-    real_call = LatentDiffusionPipeline.__call__
+    real_generate = LatentDiffusionPipeline.generate
 
-    def record(self, **kwargs):
-        calls.append(kwargs)
-        return real_call(self, **kwargs)
+    def record(self, request):
+        calls.append(vars(request))
+        return real_generate(self, request)
 
-    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", record)
+    monkeypatch.setattr(LatentDiffusionPipeline, "generate", record)
     args = ["interpolate", "a red circle", "--model", str(model_folder), "--frames", "5", "--batch-size", "2"]
     assert main([*args, "--steps", "2", "--out", str(tmp_path), "--karras", "--sampler", "dpmpp_2m"]) == 0
     assert [call["latents"].shape[0] for call in calls] == [2, 2, 1]

@@ -16,10 +16,10 @@ def test_import_ldm_does_not_import_torch_or_diffusers():
 
 def test_pipeline_names_are_exported_lazily():
     from ldm import LatentDiffusionPipeline, PipelineOutput, SamplingDefaults
-    from ldm.pipeline import LatentDiffusionPipeline as Direct
+    from ldm.generation import LatentDiffusionPipeline as Direct
 
     assert LatentDiffusionPipeline is Direct
-    assert PipelineOutput.__module__ == "ldm.pipeline"
+    assert PipelineOutput.__module__ == "ldm.generation.run"
     assert SamplingDefaults().guidance_scale == 7.5
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         ldm.Nope  # noqa: B018

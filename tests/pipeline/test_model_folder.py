@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ldm import LatentDiffusionPipeline
-from ldm.model_folder import SAMPLING_DEFAULTS, SamplingDefaults
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation.model_folder import SAMPLING_DEFAULTS, SamplingDefaults
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.tiny_models import tiny_pipeline
 
 
@@ -115,8 +115,9 @@ def test_folder_without_sampling_defaults_gets_the_defaults(model_folder, tmp_pa
     assert LatentDiffusionPipeline.from_pretrained(folder).defaults == SamplingDefaults()
 
 
-def test_the_folder_names_every_sampler_the_diffusion_package_has():
-    from ldm.diffusion import SAMPLERS as SAMPLER_FUNCTIONS
-    from ldm.model_folder import SAMPLERS
+def test_the_folder_takes_every_sampler_of_the_table_and_no_other():
+    from ldm.diffusion import SAMPLER_NAMES
 
-    assert tuple(SAMPLER_FUNCTIONS) == SAMPLERS
+    assert [SamplingDefaults(sampler=name).sampler for name in SAMPLER_NAMES] == list(SAMPLER_NAMES)
+    with pytest.raises(ValueError, match="sampler: must be one of ddim, ddpm"):
+        SamplingDefaults(sampler="euler")

@@ -81,8 +81,9 @@ def pipeline_cases(pipe) -> dict[str, object]:
         "dynamic_threshold_np": dict(
             prompt=PROMPTS, threshold=DynamicThreshold(0.9, 2.0), num_inference_steps=5, output_type="np"
         ),
-        "given_latents_32px": dict(prompt=PROMPTS, latents=torch.randn((2, 4, 16, 16), generator=seeded(3)),
-                                   num_inference_steps=4),  # fmt: skip
+        "given_latents_32px": dict(
+            prompt=PROMPTS, latents=torch.randn((2, 4, 16, 16), generator=seeded(3)), num_inference_steps=4
+        ),
         "prompt_embeds": dict(
             prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, num_inference_steps=5
         ),
@@ -90,8 +91,9 @@ def pipeline_cases(pipe) -> dict[str, object]:
         "inpaint_resample": dict(
             prompt=PROMPTS[:1], image=init_image(), mask_image=mask_image(), resample=2, num_inference_steps=6
         ),
-        "inpaint_no_paste": dict(prompt=PROMPTS[:1], image=init_image(), mask_image=mask_image(),
-                                 paste_unmasked=False, num_inference_steps=4),  # fmt: skip
+        "inpaint_no_paste": dict(
+            prompt=PROMPTS[:1], image=init_image(), mask_image=mask_image(), paste_unmasked=False, num_inference_steps=4
+        ),
         "unipc_scheduler": dict(prompt=PROMPTS, scheduler=UniPCMultistepScheduler, num_inference_steps=5),
         "trajectory": dict(prompt=PROMPTS[:1], return_trajectory=True, num_inference_steps=3, output_type="latent"),
     }
@@ -130,18 +132,23 @@ def cli_cases(model_folder: Path, tmp_path: Path) -> dict[str, object]:
 def server_cases(pipe) -> dict[str, object]:
     """name -> the images the server's queue draws for fixed request bodies (batched and alone)."""
     bodies = {
-        "serve_batched_ddim": [{"prompt": PROMPTS[0], "seed": 5, "num_images_per_prompt": 2,
-                                "num_inference_steps": 4}, {"prompt": PROMPTS[1], "seed": 9,
-                                "num_inference_steps": 4}],  # fmt: skip
-        "serve_ddpm_alone": [{"prompt": PROMPTS[0], "seed": 3, "sampler": "ddpm", "num_inference_steps": 4,
-                              "num_images_per_prompt": 2}],  # fmt: skip
+        "serve_batched_ddim": [
+            {"prompt": PROMPTS[0], "seed": 5, "num_images_per_prompt": 2, "num_inference_steps": 4},
+            {"prompt": PROMPTS[1], "seed": 9, "num_inference_steps": 4},
+        ],
+        "serve_ddpm_alone": [
+            {"prompt": PROMPTS[0], "seed": 3, "sampler": "ddpm", "num_inference_steps": 4, "num_images_per_prompt": 2}
+        ],
     }
     outputs: dict[str, object] = {}
     for name, group in bodies.items():
         queue = GenerationQueue(pipe, max_queue=8, max_batch=8)
         done: list[list] = [[] for _ in group]
         jobs = [
-            Job(resolve_request(GenerateRequest(**body), pipe, ServeLimits()), lambda e, i=i: done[i].append(e))
+            Job(
+                resolve_request(GenerateRequest(**body), pipe, ServeLimits()),
+                lambda e, events=done[i]: events.append(e),
+            )
             for i, body in enumerate(group)
         ]
         for job in jobs:  # queued before the worker starts, so the batched group shares one call

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, UniPCMultistepScheduler
 from PIL import Image
 
 from ldm.diffusion import SAMPLERS, StaticThreshold
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -149,7 +149,7 @@ def test_inpainting_keeps_the_unmasked_latents_exactly(v_pipe, sampler, resample
 
 
 def test_the_mask_reaches_the_latent_grid_by_any_pixel_of_a_cell(pipe):
-    from ldm.pipeline_inputs import latent_mask
+    from ldm.generation.inputs import latent_mask
 
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 3, 4] = 1  # one pixel

@@ -6,31 +6,30 @@ copy from the CPU is not the no-op it is on a CPU-only run) for cross-device cop
 """
 
 import copy
+import dataclasses
 from collections import Counter
 
 import pytest
 import torch
 
-import ldm.pipeline
-from ldm.noise_schedule import NoiseScheduleConfig
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.diffusion import SAMPLERS
+from ldm.generation import LatentDiffusionPipeline
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from tests.host_round_trips import HostRoundTrips, StepWindows
 from tests.pipeline.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
-
-SAMPLERS = list(ldm.pipeline.SAMPLER_FUNCTIONS)
 
 
 def count_pipeline_steps(pipe: LatentDiffusionPipeline, sampler: str, monkeypatch, **kwargs) -> list[HostRoundTrips]:
     """Run 3 guided steps and return the round trips of steps 2 and 3, each counted from the end of the step
     before it (the sampler's callback, which the pipeline's sampler call is wrapped to pass) to its own end."""
     windows = StepWindows()
-    sample = ldm.pipeline.SAMPLER_FUNCTIONS[sampler]
+    sample = SAMPLERS[sampler].sample
 
     def sample_with_windows(*args, callback=None, **sample_kwargs):
         windows.then = callback  # the pipeline's own callback still runs
         return sample(*args, callback=windows, **sample_kwargs)
 
-    monkeypatch.setitem(ldm.pipeline.SAMPLER_FUNCTIONS, sampler, sample_with_windows)
+    monkeypatch.setitem(SAMPLERS, sampler, dataclasses.replace(SAMPLERS[sampler], sample=sample_with_windows))
     with windows:
         pipe("a red circle", guidance_scale=5.0, num_inference_steps=3, sampler=sampler, **kwargs)
     assert len(windows.steps) == 2

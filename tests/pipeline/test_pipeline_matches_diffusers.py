@@ -18,7 +18,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_pipeline
 
 PROMPTS = ["a red circle", "two blue squares on grey"]

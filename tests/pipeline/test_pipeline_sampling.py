@@ -7,7 +7,8 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from ldm.diffusion import sample_ddim, sample_ddpm
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation import GenerationRequest
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -149,7 +150,7 @@ def test_other_sizes_and_single_prompt_string(pipe):
 
 def test_defaults_fill_unset_arguments(pipe):
     assert pipe.defaults.guidance_scale == 7.5 and pipe.defaults.num_inference_steps == 50
-    settings = pipe.resolve_settings()
+    settings = pipe.resolve(GenerationRequest("a red circle"))
     assert (settings.guidance_scale, settings.num_inference_steps, settings.sampler, settings.eta) == (
         7.5,
         50,

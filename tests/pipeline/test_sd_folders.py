@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
 from tests.pipeline.tiny_models import IMAGE_SIZE, tiny_text_encoder, tiny_unet, tiny_vae
 
 PROMPTS = ["a red circle", "two blue squares on grey"]

@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from conditioning import TextEncoder, TextEncoderConfig
-from ldm.noise_schedule import NoiseScheduleConfig
-from ldm.pipeline import LatentDiffusionPipeline, SamplingDefaults
+from ldm.generation import LatentDiffusionPipeline, SamplingDefaults
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 
 LATENT_CHANNELS = 4
 TEXT_WIDTH = 32

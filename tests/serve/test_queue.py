@@ -46,19 +46,20 @@ class SlowPipe:
         self.pipe = tiny_pipeline()
         self.unet_calls = 0
         self.batches: list[int] = []
-        unet, call = self.pipe._unet_fn, type(self.pipe).__call__
+        unet, generate = self.pipe._unet_fn, type(self.pipe).generate
 
         def slow_unet(*args, **kwargs):
             self.unet_calls += 1
             time.sleep(delay)
             return unet(*args, **kwargs)
 
-        def counting_call(pipe, prompt=None, **kwargs):
+        def counting_generate(pipe, request):
+            prompt = request.prompt
             self.batches.append(1 if isinstance(prompt, str) else len(prompt))
-            return call(pipe, prompt, **kwargs)
+            return generate(pipe, request)
 
         self.pipe._unet_fn = slow_unet
-        self.pipe.__class__ = type("CountingPipeline", (type(self.pipe),), {"__call__": counting_call})
+        self.pipe.__class__ = type("CountingPipeline", (type(self.pipe),), {"generate": counting_generate})
 
 
 def job(pipe, record: Recorder | None = None, **body) -> Job:
@@ -95,7 +96,12 @@ def test_a_batched_image_is_the_image_its_request_draws_alone(slow):
     run_all(queue, batched)
     for j in batched:
         alone = GenerationQueue(slow.pipe, max_queue=1, max_batch=8)
-        single = job(slow.pipe, seed=j.spec.seeds[0], prompt=j.spec.prompt, negative_prompt=j.spec.negative_prompt)
+        single = job(
+            slow.pipe,
+            seed=j.spec.seeds[0],
+            prompt=j.spec.request.prompt,
+            negative_prompt=j.spec.request.negative_prompt,
+        )
         run_all(alone, [single])
         alone.close()
         assert single.on_event.events[-1]["images"][0].tobytes() == j.on_event.events[-1]["images"][0].tobytes()

@@ -19,9 +19,9 @@ from conditioning import TextEncoderConfig
 from ldm.cli import main
 from ldm.config import ConfigError, load_config
 from ldm.data import DataConfig
-from ldm.lora_weights import LORA_WEIGHT_NAME
-from ldm.noise_schedule import NoiseScheduleConfig
-from ldm.pipeline import LatentDiffusionPipeline
+from ldm.generation import LatentDiffusionPipeline
+from ldm.generation.lora_weights import LORA_WEIGHT_NAME
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 from ldm.training import (
     DiffusionExperimentConfig,
     DiffusionTrainConfig,

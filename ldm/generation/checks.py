@@ -1,4 +1,4 @@
-"""The settings of one pipeline call, resolved against the folder's defaults and checked.
+"""The checks of a generation request's fields (see `ldm.generation.request`), one function per field or group.
 
 Every check raises ValueError whose message starts with the argument's name and says what would be valid, so
 a bad call fails before any sampling work.
@@ -7,38 +7,22 @@ a bad call fails before any sampling work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
+from ldm.diffusion import SAMPLERS
 from ldm.diffusion.schedules import spaced_timesteps
 from ldm.diffusion.sdedit import sdedit_steps
-from ldm.model_folder import SAMPLERS, SamplingDefaults
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 IMG2IMG_STRENGTH = 0.8  # diffusers' default: keep the layout, redraw the details
-DETERMINISTIC = ("ddim", "dpmpp_2m")  # (ddim only with eta = 0)
 OUR_SAMPLER_OPTIONS = ("sampler", "eta", "karras_sigmas", "threshold")
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The resolved settings of one pipeline call (see `LatentDiffusionPipeline.resolve_settings`)."""
-
-    guidance_scale: float
-    num_inference_steps: int
-    sampler: str
-    eta: float
-    height: int
-    width: int
-    karras_sigmas: bool = False
-
-    @property
-    def stochastic(self) -> bool:
-        """True when the sampler draws noise at every step (all but DDIM with eta = 0 and DPM-Solver++(2M))."""
-        return self.sampler not in DETERMINISTIC or self.eta > 0
+class OutOfRange(ValueError):
+    """A value of the right type outside what the field allows (the server answers it as `out_of_range`)."""
 
 
 class Geometry(NamedTuple):
@@ -50,56 +34,39 @@ class Geometry(NamedTuple):
     default_size: int
 
 
-def resolve_settings(
-    defaults: SamplingDefaults,
-    schedule: NoiseScheduleConfig,
-    geometry: Geometry,
-    guidance_scale: float | None = None,
-    num_inference_steps: int | None = None,
-    sampler: str | None = None,
-    eta: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    karras_sigmas: bool | None = None,
-) -> SamplingSettings:
-    """The settings: each None is the folder's default (sizes: the U-Net's; eta: 0 for a sampler other than
-    DDIM), then every value is checked."""
-    d = defaults
-    sampler = d.sampler if sampler is None else sampler
-    if eta is None:  # the folder's eta is DDIM's: another sampler asked for by name takes none
-        eta = d.eta if sampler == "ddim" else 0.0
-    s = SamplingSettings(
-        guidance_scale=d.guidance_scale if guidance_scale is None else as_float(guidance_scale, "guidance_scale"),
-        num_inference_steps=d.num_inference_steps if num_inference_steps is None else num_inference_steps,
-        sampler=sampler,
-        eta=as_float(eta, "eta"),
-        height=geometry.default_size if height is None else height,
-        width=geometry.default_size if width is None else width,
-        karras_sigmas=d.karras_sigmas if karras_sigmas is None else karras_sigmas,
-    )
-    if s.guidance_scale < 0:
-        raise ValueError(f"guidance_scale: must be >= 0 (1 = no guidance, 0 = unconditional), got {s.guidance_scale}")
-    if s.sampler not in SAMPLERS:
-        raise ValueError(f"sampler: must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
-    if not 0.0 <= s.eta <= 1.0:
-        raise ValueError(f"eta: must be in [0, 1], got {s.eta}")
-    if s.eta > 0 and s.sampler != "ddim":
-        raise ValueError(f"eta: is DDIM's noise; sampler {s.sampler!r} takes none, got eta={s.eta}")
-    if not isinstance(s.karras_sigmas, bool):
-        raise ValueError(f"karras_sigmas: must be True or False, got {s.karras_sigmas!r}")
-    if s.karras_sigmas and schedule.zero_terminal_snr:
+def check_sampler(sampler: object) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+
+
+def check_eta(eta: object, sampler: str | None = None) -> float:
+    """eta in [0, 1], and 0 unless `sampler` takes it (None: any sampler's default)."""
+    eta = as_float(eta, "eta")
+    if not 0.0 <= eta <= 1.0:
+        raise OutOfRange(f"eta: must be in [0, 1], got {eta}")
+    if eta > 0 and sampler is not None and "eta" not in SAMPLERS[sampler].options:
+        raise ValueError(f"eta: is DDIM's noise; sampler {sampler!r} takes none, got eta={eta}")
+    return eta
+
+
+def check_guidance_scale(guidance_scale: object) -> float:
+    guidance_scale = as_float(guidance_scale, "guidance_scale")
+    if guidance_scale < 0:
+        raise OutOfRange(f"guidance_scale: must be >= 0 (1 = no guidance, 0 = unconditional), got {guidance_scale}")
+    return guidance_scale
+
+
+def check_karras_sigmas(karras_sigmas: object, schedule: NoiseScheduleConfig) -> None:
+    check_bool(karras_sigmas, "karras_sigmas")
+    if karras_sigmas and schedule.zero_terminal_snr:
         raise ValueError(
             "karras_sigmas: this model's schedule has zero terminal SNR (sigma_max = inf), which Karras sigmas "
             "cannot span; sample on its own timesteps"
         )
-    _check_steps(s.num_inference_steps, schedule)
-    check_sides(geometry, s.height, s.width)
-    return s
 
 
-def _check_steps(steps: object, schedule: NoiseScheduleConfig) -> None:
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"num_inference_steps: must be a positive int, got {steps!r}")
+def check_steps(steps: object, schedule: NoiseScheduleConfig) -> int:
+    check_positive_int(steps, "num_inference_steps")
     try:  # the steps must fit in the training chain after spacing and steps_offset
         spaced_timesteps(schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset)
     except ValueError as err:
@@ -107,6 +74,7 @@ def _check_steps(steps: object, schedule: NoiseScheduleConfig) -> None:
             f"num_inference_steps: {steps} does not fit the {schedule.num_train_timesteps}-step chain "
             f"({schedule.timestep_spacing} spacing, steps_offset {schedule.steps_offset}): {err}"
         ) from err
+    return steps
 
 
 def check_sides(geometry: Geometry, height: object, width: object, source: str | None = None) -> None:
@@ -115,7 +83,8 @@ def check_sides(geometry: Geometry, height: object, width: object, source: str |
     for name, side in (("height", height), ("width", width)):
         if not is_int(side) or side < multiple or side % multiple:
             subject = f"{source}: its {name} {side!r} is not" if source else f"{name}: must be"
-            raise ValueError(
+            error = OutOfRange if is_int(side) and side < 1 else ValueError  # 0 or less: no size at all
+            raise error(
                 f"{subject} a positive multiple of {multiple} (VAE factor {factor} x U-Net downsampling "
                 f"{multiple // factor})" + ("" if source else f", got {side!r}")
             )
@@ -132,24 +101,21 @@ def sides_of_latents(
     return (h if height is None else height), (w if width is None else width)
 
 
-def sized_like(
-    s: SamplingSettings, geometry: Geometry, pixels: torch.Tensor, height: int | None, width: int | None
-) -> SamplingSettings:
-    """The settings with the init image's size; a height or width given that differs is an error."""
+def sized_like(geometry: Geometry, pixels: torch.Tensor, height: int | None, width: int | None) -> tuple[int, int]:
+    """The init image's (height, width); a height or width given that differs is an error."""
     image_height, image_width = pixels.shape[-2:]
     for name, given, actual in (("height", height, image_height), ("width", width, image_width)):
         if given is not None and given != actual:
             raise ValueError(f"{name}: is {given} but the image's {name} is {actual}; leave it unset")
     check_sides(geometry, image_height, image_width, "image")
-    return replace(s, height=image_height, width=image_width)
+    return image_height, image_width
 
 
 def editing_strength(
     has_image: bool, strength: object, mask_image: object, resample: object, paste_unmasked: object, steps: int
 ) -> float:
     """The image-to-image strength to use (its default when None); errors for editing options without an image."""
-    if not isinstance(paste_unmasked, bool):
-        raise ValueError(f"paste_unmasked: must be True or False, got {paste_unmasked!r}")
+    check_bool(paste_unmasked, "paste_unmasked")
     if not has_image:
         for name, value, unset in (("strength", strength, None), ("mask_image", mask_image, None),
                                    ("resample", resample, 1)):  # fmt: skip
@@ -164,7 +130,7 @@ def editing_strength(
         return 1.0 if mask_image is not None else IMG2IMG_STRENGTH
     strength = as_float(strength, "strength")
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength: must be in (0, 1], got {strength}")
+        raise OutOfRange(f"strength: must be in (0, 1], got {strength}")
     if sdedit_steps(steps, strength) < 1:
         raise ValueError(
             f"strength: {strength} of {steps} steps runs no step; raise strength to >= {1 / steps:.3g} "
@@ -177,7 +143,7 @@ def check_guidance_options(guidance_rescale: object, threshold: object, callback
     """guidance_rescale as a float in [0, 1]; threshold and callback must be callables."""
     guidance_rescale = as_float(guidance_rescale, "guidance_rescale")
     if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale: must be in [0, 1], got {guidance_rescale}")
+        raise OutOfRange(f"guidance_rescale: must be in [0, 1], got {guidance_rescale}")
     if threshold is not None and not callable(threshold):
         raise ValueError(f"threshold: must be a StaticThreshold or DynamicThreshold, not {type(threshold).__name__}")
     if callback is not None and not callable(callback):
@@ -200,8 +166,7 @@ def check_call_options(
     num_images: object, output_type: object, generator: object, needs_step_noise: bool, device: torch.device
 ) -> None:
     """Images per prompt, output type and generator; a stochastic sampler needs a generator on the device."""
-    if not is_int(num_images) or num_images < 1:
-        raise ValueError(f"num_images_per_prompt: must be a positive int, got {num_images!r}")
+    check_positive_int(num_images, "num_images_per_prompt")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -213,6 +178,49 @@ def check_call_options(
             f"generator: is on {generator.device.type} but stochastic sampling (ddpm, ancestral, SDE, ddim with "
             f"eta > 0, inpainting) draws its noise on {device.type}; pass torch.Generator(device={device.type!r})"
         )
+
+
+def check_previews(preview_every: object, on_preview: object) -> None:
+    if not is_int(preview_every) or preview_every < 0:
+        error = OutOfRange if is_int(preview_every) else ValueError
+        raise error(f"preview_every: must be an int >= 0 (0: no previews), got {preview_every!r}")
+    if on_preview is not None and not callable(on_preview):
+        raise ValueError(f"on_preview: must be callable(step, images), got {on_preview!r}")
+
+
+def check_seeds(seed: object, seeds: object, generator: object, latents: object, step_noise: bool, limit: int) -> None:
+    """A seed, or one seed per image (each x_T drawn alone, so not with latents or per-step noise), not both."""
+
+    def valid(value: object) -> bool:
+        return is_int(value) and 0 <= value < limit
+
+    if seed is not None and not valid(seed):
+        raise ValueError(f"seed: must be an int in [0, 2^64), got {seed!r}")
+    if seeds is None:
+        return
+    if not isinstance(seeds, tuple) or not seeds or not all(valid(s) for s in seeds):
+        raise ValueError(f"seeds: must be a non-empty tuple of ints in [0, 2^64), one per image, got {seeds!r}")
+    for name, value in (("seed", seed), ("generator", generator), ("latents", latents)):
+        if value is not None:
+            raise ValueError(f"seeds: draw each image's x_T, so give seeds or {name}, not both")
+    if step_noise:
+        raise ValueError(
+            "seeds: draw x_T alone per image, but this sampler (or inpainting) also draws noise at every step "
+            "from one generator; give seed, or one request per image"
+        )
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if not is_int(value) or value < 1:
+        error = OutOfRange if is_int(value) else ValueError
+        raise error(f"{name}: must be a positive int, got {value!r}")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: must be True or False, got {value!r}")
+    return value
 
 
 def as_float(value: object, name: str) -> float:

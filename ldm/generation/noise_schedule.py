@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from ldm.diffusion import DIFFUSERS_SCHEDULE_NAMES, DynamicThreshold, GaussianDiffusion, StaticThreshold
 from ldm.diffusion.schedules import SPACINGS
+from ldm.diffusion.thresholding import FolderClipping, folder_threshold_for
 
 # Our prediction names and diffusers' `prediction_type` values.
 DIFFUSERS_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -76,14 +77,14 @@ class NoiseScheduleConfig:
         set_alpha_to_one is false, as diffusers' DDIMScheduler reads the same config."""
         return 1.0 if self.set_alpha_to_one else float(diffusion.coef.alphas_cumprod[0])
 
-    def threshold(self) -> DynamicThreshold | StaticThreshold | None:
-        """The clipping of the predicted x0 the config asks for: dynamic thresholding first, as diffusers
-        checks it first, then clip_sample; None when neither."""
-        if self.thresholding:
-            return DynamicThreshold(self.dynamic_thresholding_ratio, self.sample_max_value)
-        if self.clip_sample:
-            return StaticThreshold(self.clip_sample_range)
-        return None
+    def threshold(self, reads: FolderClipping) -> DynamicThreshold | StaticThreshold | None:
+        """The clipping of the predicted x0 the config asks for, of the keys a sampler `reads` (its
+        `Sampler.folder_clipping`): dynamic thresholding first, as diffusers checks it first, then clip_sample."""
+        return folder_threshold_for(
+            reads, clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range,
+            thresholding=self.thresholding, dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+            sample_max_value=self.sample_max_value,
+        )  # fmt: skip
 
     @property
     def output_channels_factor(self) -> int:

@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import diffusers
 from safetensors import SafetensorError
 
 from conditioning.config import CLIP_MAX_LENGTH
-from ldm.noise_schedule import NoiseScheduleConfig
+from ldm.generation.checks import check_bool, check_eta, check_guidance_scale, check_positive_int, check_sampler
+from ldm.generation.noise_schedule import NoiseScheduleConfig
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -41,7 +42,6 @@ COMPONENTS: dict[str, tuple[str, bool]] = {
 # A tokenizer folder without its vocabulary still loads (transformers then builds an empty tokenizer that maps
 # every word to one id), so one of these sets of files must be there.
 TOKENIZER_VOCABULARIES: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral")  # ldm.diffusion.SAMPLERS' names
 
 
 @dataclass
@@ -54,19 +54,16 @@ class SamplingDefaults:
 
     guidance_scale: float = 7.5
     num_inference_steps: int = 50
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"] = "ddim"
+    sampler: str = "ddim"  # a name of ldm.diffusion.SAMPLERS
     eta: float = 0.0  # DDIM's noise; 0 = deterministic
     karras_sigmas: bool = False  # visit Karras et al.'s noise levels instead of spaced timesteps
 
-    def __post_init__(self) -> None:
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale: must be >= 0 (1 = no guidance), got {self.guidance_scale}")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler: must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta: must be in [0, 1], got {self.eta}")
+    def __post_init__(self) -> None:  # the request's own checks, so a folder cannot hold what a call refuses
+        check_guidance_scale(self.guidance_scale)
+        check_positive_int(self.num_inference_steps, "num_inference_steps")
+        check_sampler(self.sampler)
+        check_eta(self.eta)  # the folder's eta is DDIM's, and other samplers ignore it
+        check_bool(self.karras_sigmas, "karras_sigmas")
 
     def save(self, folder: str | Path) -> Path:
         """Write `folder/ldm_sampling.json`."""
