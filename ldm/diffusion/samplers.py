@@ -208,12 +208,16 @@ def sample_ddim(
     progress: bool = True,
     name: str = "DDIM",
     final_alphabar: float = 1.0,
+    fractional_linspace: bool = False,
 ) -> SampleOutput:
     """DDIM sampling over `num_steps` spaced timesteps; eta = 0 is deterministic, eta = 1 is DDPM-like. The last
-    step lands on `final_alphabar`: 1 (x0 itself), or alphabar_0 for a scheduler config's `set_alpha_to_one: false`."""
+    step lands on `final_alphabar`: 1 (x0 itself), or alphabar_0 for a scheduler config's `set_alpha_to_one: false`.
+    `fractional_linspace`: see `sampling_chain` (Euler ancestral's levels)."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas, final_alphabar)
+    chain = sampling_chain(
+        diffusion, num_steps, spacing, steps_offset, karras_sigmas, final_alphabar, fractional_linspace
+    )
 
     def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         noise = _randn_like(x, generator) if eta > 0 else None
@@ -225,24 +229,8 @@ def sample_ddim(
     )  # fmt: skip
 
 
-@torch.no_grad()
 def sample_euler_ancestral(
-    model: ModelFn,
-    diffusion: GaussianDiffusion,
-    x_T: torch.Tensor,
-    *,
-    num_steps: int = 50,
-    spacing: str = "leading",
-    steps_offset: int = 0,
-    model_kwargs: dict[str, Any] | None = None,
-    karras_sigmas: bool = False,
-    threshold: Threshold | None = None,
-    start_step: int = 0,
-    inpaint: Inpainting | None = None,
-    generator: torch.Generator | None = None,
-    return_trajectory: bool = False,
-    callback: StepCallback | None = None,
-    progress: bool = True,
+    model: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor, *, num_steps: int = 50, **kwargs: Any
 ) -> SampleOutput:
     """Euler ancestral sampling (k-diffusion's `sample_euler_ancestral`, diffusers' EulerAncestralDiscreteScheduler).
 
@@ -253,17 +241,13 @@ def sample_euler_ancestral(
     exactly DDIM's sigma at eta = 1. So this *is* DDIM with eta = 1, noise drawn at every step as diffusers
     draws it, over diffusers' Euler levels: on `linspace` spacing unrounded timesteps with interpolated sigmas
     (`sampling_chain`'s `fractional_linspace`). The tests pin it against EulerAncestralDiscreteScheduler. Takes
-    sample_ddpm's keyword arguments (no eta: it is 1; for other values use sample_ddim).
+    sample_ddim's keyword arguments but eta (it is 1; for other values use sample_ddim).
     """
-    chain = sampling_chain(diffusion, num_steps, spacing, steps_offset, karras_sigmas, fractional_linspace=True)
-
-    def step(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return ddim_step(chain, output, x, t, 1.0, _randn_like(x, generator), threshold)
-
-    return run_chain(
-        model, chain, x_T, step, model_kwargs=model_kwargs, start_step=start_step, inpaint=inpaint,
-        generator=generator, return_trajectory=return_trajectory, callback=callback, progress=progress, name="Euler a",
-    )  # fmt: skip
+    if "eta" in kwargs:
+        raise ValueError("sample_euler_ancestral: eta is fixed at 1 (for other values use sample_ddim)")
+    return sample_ddim(
+        model, diffusion, x_T, num_steps=num_steps, eta=1.0, name="Euler a", fractional_linspace=True, **kwargs
+    )
 
 
 def run_chain(
