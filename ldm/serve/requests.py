@@ -22,6 +22,7 @@ from ldm.generation import GenerationRequest, LatentDiffusionPipeline
 from ldm.generation.checks import OutOfRange
 from ldm.generation.inputs import image_batch
 from ldm.generation.request import SAMPLING_FIELDS
+from ldm.serve.errors import RequestError, out_of_range
 from ldm.serve.schema import SEED_RANGE, GenerateRequest
 
 # pydantic error types -> our codes; anything else is invalid_value.
@@ -48,20 +49,16 @@ class ServeLimits:
     max_queue: int = 32  # requests waiting; one more is answered 429
     max_body_bytes: int = 8 * 2**20  # a 1024^2 PNG as base64 fits
     max_prompt_chars: int = 2000  # before tokenizing, which costs time per character
+    max_work: int | None = None  # pixels x steps x images per request; None: see work_limit
+    deadline_s: float = 600.0  # a request still unanswered this long after it arrived is cancelled (504)
 
     def side_limit(self, pipe: LatentDiffusionPipeline) -> int:
         return self.max_side or 4 * pipe.default_size
 
-
-class RequestError(Exception):
-    """A request the client must change: HTTP `status`, a `code`, the `field` at fault and a message."""
-
-    def __init__(self, status: int, code: str, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.field, self.message = status, code, field, message
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "field": self.field, "message": self.message}}
+    def work_limit(self, pipe: LatentDiffusionPipeline) -> int:
+        """Pixels x sampler steps x images one request may ask for. By default a full batch at the model's
+        default size with the most steps: a larger side is paid for with fewer images or steps."""
+        return self.max_work or self.max_batch * pipe.default_size**2 * self.max_steps
 
 
 @dataclass
@@ -198,7 +195,3 @@ def pipeline_error(err: ValueError) -> RequestError:
     name = message.split(":", 1)[0]
     code = "out_of_range" if isinstance(err, OutOfRange) else "invalid_value"
     return RequestError(422, code, name if name in FIELDS else None, message)
-
-
-def out_of_range(field: str, allowed: str, got: object) -> RequestError:
-    return RequestError(422, "out_of_range", field, f"{field}: must be {allowed}, got {got}")
