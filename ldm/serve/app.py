@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException
 import ldm
 from ldm.generation import LatentDiffusionPipeline
 from ldm.serve.png import png_with_settings
-from ldm.serve.requests import RequestError, ServeLimits, parse_body, resolve_request
+from ldm.serve.errors import RequestError
+from ldm.serve.requests import ServeLimits, parse_body, resolve_request
 from ldm.serve.schema import ErrorResponse, GenerateRequest, GenerateResponse, Health, ModelInfo
 from ldm.serve.worker import GenerationQueue, Job, QueueFull
 
@@ -74,7 +75,7 @@ def create_app(
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
