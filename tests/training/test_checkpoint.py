@@ -111,11 +111,14 @@ def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator, 
     if fused:  # the skipped update left no trace in the optimizer either: one step taken
         assert int(opt.optimizer.state[opt.optimizer.param_groups[0]["params"][0]]["step"]) == 1
 
+    last_good = [p.detach().clone() for p in model.parameters()]
     for _ in (3, 4):
         model(torch.ones(1, 2)).sum().backward()
         model.weight.grad[0, 0] = float("nan")
         guard.apply(accelerator, "net", opt, model.parameters())
         guard.end_step()
+    # the skipped steps left the model finite and exactly as the last good step did
+    assert all(torch.isfinite(p).all() and torch.equal(p, good) for p, good in zip(model.parameters(), last_good))
     with pytest.raises(RuntimeError, match=r"step 4: 2 steps in a row.*train\.max_nonfinite_steps=2"):
         guard.check(4)
 
