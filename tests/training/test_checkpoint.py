@@ -118,7 +118,8 @@ def test_a_nonfinite_gradient_skips_the_update_and_k_in_a_row_stop(accelerator, 
         guard.apply(accelerator, "net", opt, model.parameters())
         guard.end_step()
     # the skipped steps left the model finite and exactly as the last good step did
-    assert all(torch.isfinite(p).all() and torch.equal(p, good) for p, good in zip(model.parameters(), last_good))
+    for param, good in zip(model.parameters(), last_good, strict=True):
+        assert torch.isfinite(param).all() and torch.equal(param, good)
     with pytest.raises(RuntimeError, match=r"step 4: 2 steps in a row.*train\.max_nonfinite_steps=2"):
         guard.check(4)
 
