@@ -7,7 +7,13 @@ image, the seed and prompt asked for (so none is lost or handed to another clien
 the default shows what batching compatible requests buys. A last table times one streamed request with and
 without the denoising preview (the page asks for one every 2 steps), which costs a VAE decode each time.
 
+`--section mixed` starts a server with an API key and runs `--mixed-clients` clients for `--mixed-seconds`:
+honest ones (JSON and streamed), slow readers, clients that hang up, and hostile ones sending every bad input
+of benchmarks/serve_abuse.py. It prints the answers by code, the honest requests' latency, and the server's
+peak memory against its idle memory plus twice the peak of one full batch measured alone before the load.
+
     PYTHONPATH=. python3 benchmarks/serve_load.py --model runs/quickstart/pipeline
+    PYTHONPATH=. python3 benchmarks/serve_load.py --model runs/quickstart/pipeline --section mixed
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.serve_abuse import KINDS, latency_summary, peak_and_current_mb, run_mixed
 from ldm.serve.png import read_generation_settings
 
 PROMPTS = (
@@ -126,9 +133,10 @@ def resident_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:
     """`ldm serve` on a free port; returns the process and its URL once it answers /v1/health."""
     command = ["ldm", "serve", "--model", model, "--port", "0", "--max-batch", str(max_batch), "--max-queue", "64"]
+    command += extra
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     match = re.search(r"(http://\S+?)/?$", line.strip())
@@ -158,7 +166,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 1], help="--max-batch values to compare")
+    parser.add_argument("--section", choices=("batching", "mixed", "all"), default="batching")
+    parser.add_argument("--mixed-clients", type=int, default=120)
+    parser.add_argument("--mixed-seconds", type=float, default=180.0)
     args = parser.parse_args()
+    failed = False
+    if args.section in ("batching", "all"):
+        failed |= batching_tables(args)
+    if args.section in ("mixed", "all"):
+        failed |= mixed_table(args)
+    return 1 if failed else 0
+
+
+def batching_tables(args: argparse.Namespace) -> bool:
+    """The --max-batch table and the preview table; True if a request was lost."""
 
     print(f"{args.clients} clients x {args.requests} requests, {args.repeats} rounds per row; min / median / max")
     print("| --max-batch | p50 latency (s) | p95 latency (s) | images/s | answered | lost | RSS before -> after (MB) |")
@@ -199,7 +220,56 @@ def main() -> int:
     finally:
         process.terminate()
         process.wait(timeout=60)
-    return 1 if failed else 0
+    return failed
+
+
+def mixed_table(args: argparse.Namespace) -> bool:
+    """Mixed honest, slow, cancelling and hostile clients on a server with a key; True if a goal is missed."""
+    import secrets
+    import tempfile
+
+    key = secrets.token_urlsafe(24)
+    with tempfile.NamedTemporaryFile("w", suffix=".key") as key_file:
+        key_file.write(key + "\n")
+        key_file.flush()
+        process, url = start_server(args.model, 8, "--api-key-file", key_file.name)
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        httpx.post(f"{url}/v1/generate", json={"prompt": PROMPTS[0]}, headers=auth, timeout=600)  # warm-up
+        _, idle = peak_and_current_mb(process.pid)
+        batch = {"prompt": PROMPTS[0], "num_images_per_prompt": 8}  # one full batch (--max-batch 8), alone
+        if args.steps is not None:
+            batch["num_inference_steps"] = args.steps
+        httpx.post(f"{url}/v1/generate", json=batch, headers=auth, timeout=600).raise_for_status()
+        one_batch_peak, _ = peak_and_current_mb(process.pid)
+        one_batch = one_batch_peak - idle
+        steps = args.steps or httpx.get(f"{url}/v1/model", headers=auth).json()["defaults"]["num_inference_steps"]
+        report = run_mixed(url, args.mixed_clients, args.mixed_seconds, steps, key=key)
+        peak, after = peak_and_current_mb(process.pid)
+        health = httpx.get(f"{url}/v1/health", headers=auth).json()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    codes = report.codes()
+    print(
+        f"\n{args.mixed_clients} clients ({', '.join(KINDS)}: a fifth each) for {args.mixed_seconds:.0f} s, "
+        f"{steps} steps; {report.requests} requests in {report.seconds:.0f} s"
+    )
+    print("| answer | requests |")
+    print("|---|---|")
+    for code, count in sorted(codes.items(), key=lambda item: -item[1]):
+        print(f"| {code} | {count} |")
+    print(f"| no answer, or neither the API's JSON nor an image | {len(report.failures)} |")
+    answered = len(report.latencies)
+    print(f"\nhonest requests answered with their image: {answered}; {latency_summary(report.latencies)}")
+    bound = idle + 2 * one_batch
+    print(
+        f"server memory: idle {idle:.0f} MB, one full batch alone +{one_batch:.0f} MB, peak under load {peak:.0f} MB "
+        f"(bound idle + 2 x batch = {bound:.0f} MB), after {after:.0f} MB; health after: {health}"
+    )
+    for failure in report.failures[:10]:
+        print(f"  {failure}", file=sys.stderr)
+    return bool(report.failures) or codes.get("internal_error", 0) > 0 or peak > bound
 
 
 if __name__ == "__main__":

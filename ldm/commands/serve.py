@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # ldm.serve imports FastAPI and torch: after bind(), so a busy port fails at once
+    from ldm.serve.security import ServeAccess
 
 from ldm.commands import add_device_argument, add_dtype_argument, add_model_arguments
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-LIMIT_FLAGS = ("max_queue", "max_batch", "max_images", "max_steps", "max_side", "max_body_mb")
+LIMIT_FLAGS = ("max_queue", "max_batch", "max_images", "max_steps", "max_side", "max_work", "max_body_mb", "deadline")
+KEY_ENV = "LDM_API_KEY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,12 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
-        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it to the network, "
-        "with no authentication)",
+        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only); any other (0.0.0.0: the network) "
+        "needs an API key",
     )
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)"
     )
+    add_access_arguments(parser)
     add_device_argument(parser)
     add_dtype_argument(parser)
     limits = parser.add_argument_group("limits")
@@ -44,12 +53,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument(
         "--max-side", type=int, default=None, metavar="PX", help="image height and width (default: 4x the model's)"
     )
+    limits.add_argument(
+        "--max-work",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pixels x steps x images per request (default: a full --max-batch at the model's size and --max-steps)",
+    )
     limits.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB", help="request body size (default: 8)")
+    limits.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds a request may wait and run; later it is cancelled and answered 504 (default: 600)",
+    )
     parser.set_defaults(func=_run)
+
+
+def add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """The API key and the names and origins the server accepts besides its own (see ldm.serve.security)."""
+    access = parser.add_argument_group("access")
+    key = access.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help=f"ask every API call for this key (the file's first line) as `Authorization: Bearer KEY`; the page "
+        f"asks for it once. Also: the environment variable {KEY_ENV}",
+    )
+    key.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"the key itself; other users of this machine can read it in `ps`: prefer --api-key-file or {KEY_ENV}",
+    )
+    access.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this Host name, e.g. myhost.lan (repeatable; IP addresses always are)",
+    )
+    access.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages of this origin post, e.g. https://studio.example, besides the server's own (repeatable)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     limits = limit_values(args)
+    key = api_key(args)
     listener = bind(args.host, args.port)  # before the slow imports and loading, so a busy port fails at once
     import logging
 
@@ -61,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.serve import ServeLimits, create_app
 
     try:
+        access = serve_access(args.host, key, args.allow_host, args.allow_origin)
         pipe = LatentDiffusionPipeline.from_pretrained(
             args.model, torch_dtype=torch_dtype(args.dtype), device=resolve_device(args.device), variant=args.variant
         )
@@ -69,26 +127,73 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, CommandError) as err:  # a missing or corrupt component, an adapter that does not fit
         listener.close()
         raise CommandError(str(err)) from err
-    app = create_app(pipe, ServeLimits(**limits), folder=args.model)
+    app = create_app(pipe, ServeLimits(**limits), folder=args.model, access=access)
     host, port = listener.getsockname()[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger(__name__).warning("listening on %s: anyone who can reach it can generate", args.host)
+    if access.api_key is not None:
+        logging.getLogger(__name__).info("every API call needs the key; without TLS in front it travels in clear")
     print(f"ldm serve: {args.model} at http://{'localhost' if host == '127.0.0.1' else host}:{port}/", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[listener])
     return 0
 
 
-def limit_values(args: argparse.Namespace) -> dict[str, int | None]:
-    """The --max-* flags as ServeLimits' fields; CommandError naming a flag that is not positive."""
+def limit_values(args: argparse.Namespace) -> dict[str, float | None]:
+    """The --max-* and --deadline flags as ServeLimits' fields; CommandError naming a flag that is not positive."""
     from ldm.commands import CommandError
 
     for name in LIMIT_FLAGS:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CommandError(f"--{name.replace('_', '-')}: must be positive, got {value}")
-    counts = {name: getattr(args, name) for name in LIMIT_FLAGS if name != "max_body_mb"}
-    return counts | {"max_body_bytes": int(args.max_body_mb * 2**20)}
+    counts = {name: getattr(args, name) for name in LIMIT_FLAGS if name not in ("max_body_mb", "deadline")}
+    return counts | {"max_body_bytes": int(args.max_body_mb * 2**20), "deadline_s": args.deadline}
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key of --api-key, --api-key-file (its first line, stripped) or $LDM_API_KEY; None without any.
+    CommandError naming the source when it holds no key."""
+    from ldm.commands import CommandError
+
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CommandError(f"--api-key-file: cannot read {args.api_key_file} ({err})") from err
+        key, source = (lines[0].strip() if lines else ""), f"--api-key-file: the first line of {args.api_key_file}"
+    elif args.api_key is not None:
+        key, source = args.api_key.strip(), "--api-key"
+    elif KEY_ENV in os.environ:
+        key, source = os.environ[KEY_ENV].strip(), KEY_ENV
+    else:
+        return None
+    if not key:
+        raise CommandError(f"{source} is empty: it must hold the API key")
+    return key
+
+
+def serve_access(host: str, key: str | None, allow_hosts: list[str], allow_origins: list[str]) -> ServeAccess:
+    """What the server accepts; CommandError when --host reaches beyond this machine without a key, or a name
+    or origin is malformed."""
+    from ldm.commands import CommandError
+    from ldm.serve.security import ServeAccess, is_loopback, normal_host, normal_origin
+
+    if key is None and not is_loopback(host):
+        raise CommandError(
+            f"--host {host}: anyone who can reach it could generate, so it needs an API key: add --api-key-file "
+            f"FILE (the key on its first line) or set {KEY_ENV} (--api-key KEY works too, but shows in `ps`)"
+        )
+    hosts = checked("--allow-host", allow_hosts, normal_host)
+    return ServeAccess.for_bind(host, key, hosts, checked("--allow-origin", allow_origins, normal_origin))
+
+
+def checked(flag: str, values: list[str], normal: Callable[[str], str]) -> tuple[str, ...]:
+    """`values` of a repeatable flag, each through `normal`; CommandError naming the flag for a bad one."""
+    from ldm.commands import CommandError
+
+    try:
+        return tuple(normal(value) for value in values)
+    except ValueError as err:
+        raise CommandError(f"{flag}: {err}") from err
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -1,27 +1,29 @@
 """The web app and HTTP API around one loaded pipeline: `create_app(pipe, ...)` returns a FastAPI app.
 
     GET  /                    the page (ldm/serve/static: no script, font or style from the internet)
-    GET  /v1/health           {"status": "ok", "queued": n, "running": n}
+    GET  /v1/health           {"status": "ok", "queued": n, "running": n}; 503 `unavailable` when no worker runs
     GET  /v1/model            what the folder holds, its defaults, sizes and this server's limits
     POST /v1/generate         JSON in; JSON with base64 PNGs out, or the PNG itself with `Accept: image/png`
     POST /v1/generate/stream  the same, as server-sent events: queued, started, progress (with previews), done
     GET  /openapi.json        the OpenAPI description
 
+Every request first passes `AccessGuard` (ldm.serve.security): 403 `bad_host` / `bad_origin`, 401
+`unauthorized` without the server's key, 415 for a body not sent as application/json.
 Every error is JSON {"error": {"code", "field", "message"}} with a 4xx status for what the client can change
-(400 bad JSON, 404, 405, 406, 413 body too large, 422 invalid field, 429 queue full with Retry-After).
-A client that leaves (closes the connection) cancels its request, queued or running.
+(400 bad JSON, 404, 405, 406, 413 body too large, 422 invalid field or too much work, 429 queue full with
+Retry-After) and a 5xx for what it cannot (500 internal_error, 503 unavailable / out_of_memory / cancelled,
+504 deadline_exceeded). A client that leaves (closes the connection) cancels its request, queued or running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -33,27 +35,33 @@ from starlette.exceptions import HTTPException
 
 import ldm
 from ldm.generation import LatentDiffusionPipeline
-from ldm.serve.png import png_with_settings
 from ldm.serve.errors import RequestError
+from ldm.serve.events import StreamEvents
+from ldm.serve.png import png_with_settings
 from ldm.serve.requests import ServeLimits, parse_body, resolve_request
 from ldm.serve.schema import ErrorResponse, GenerateRequest, GenerateResponse, Health, ModelInfo
+from ldm.serve.security import AccessGuard, ServeAccess
 from ldm.serve.worker import GenerationQueue, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
 FINAL_EVENTS = ("done", "error", "cancelled")
 # Only a server shutting down cancels a request whose client still listens: a client that cancels has left.
 CANCELLED_MESSAGE = "the request was cancelled: the server is shutting down"
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 406, 413, 422, 429)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 406, 413, 415, 422, 429, 503, 504)}
 REQUEST_BODY = {"content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}, "required": True}
 
 
 def create_app(
-    pipe: LatentDiffusionPipeline, limits: ServeLimits | None = None, folder: str | Path | None = None
+    pipe: LatentDiffusionPipeline,
+    limits: ServeLimits | None = None,
+    folder: str | Path | None = None,
+    access: ServeAccess | None = None,
 ) -> FastAPI:
-    """The app serving `pipe` (loaded from `folder`, which /v1/model describes). The generation thread starts
-    and stops with the app (its lifespan)."""
+    """The app serving `pipe` (loaded from `folder`, which /v1/model describes), refusing what `access` refuses
+    (default: a loopback server without a key). The generation thread starts and stops with the app (its
+    lifespan)."""
     limits = limits or ServeLimits()
-    queue = GenerationQueue(pipe, limits.max_queue, limits.max_batch)
+    queue = GenerationQueue(pipe, limits.max_queue, limits.max_batch, deadline_s=limits.deadline_s)
     info = model_info(pipe, limits, folder)
 
     @asynccontextmanager
@@ -72,6 +80,7 @@ def create_app(
     )
     app.state.queue, app.state.limits = queue, limits
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(AccessGuard, access=access or ServeAccess())
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -91,18 +100,27 @@ def create_app(
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/v1/health", response_model=Health)
+    @app.get("/v1/health", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def health() -> dict:
+        """ok, or 503 in the API's error shape (code `unavailable`) when no worker thread runs the queue."""
+        if not queue.alive:
+            raise queue.unavailable()
         return {"status": "ok", "queued": queue.queued, "running": queue.running}
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model() -> dict:
         return info
 
-    async def submit(request: Request, single_image: bool = False) -> tuple[Job, asyncio.Queue, int]:
-        """Read, check and queue the request; its events arrive on the returned asyncio queue."""
+    async def submit(
+        request: Request, single_image: bool = False, streamed: bool = False
+    ) -> tuple[Job, StreamEvents, int]:
+        """Read, check and queue the request; its events arrive on the returned StreamEvents. Previews are
+        decoded only for a `streamed` answer: nobody would receive them otherwise."""
+        queue.check_room()  # before the body: a full queue should not cost reading and decoding megabytes
         raw = await read_body(request, limits.max_body_bytes)
         spec = await run_in_threadpool(lambda: resolve_request(parse_body(raw), pipe, limits))
+        if not streamed:  # batch_key reads preview_every, so this joins the batches of preview-less requests
+            spec = replace(spec, request=replace(spec.request, preview_every=0))
         if single_image and len(spec.seeds) != 1:
             raise RequestError(
                 406,
@@ -111,8 +129,8 @@ def create_app(
                 f"num_images_per_prompt: an image/png answer holds one image, got {len(spec.seeds)}; "
                 "ask for application/json",
             )
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(spec, thread_safe_put(events))
+        events = StreamEvents(asyncio.get_running_loop())
+        job = Job(spec, events.put)
         position = queue.submit(job)
         return job, events, position
 
@@ -142,7 +160,7 @@ def create_app(
     async def generate_stream(request: Request) -> StreamingResponse:
         """Server-sent events: `queued` {position}, `started`, `progress` {step, steps, previews?: [base64 PNG]},
         then `done` (the /v1/generate JSON), `error` {error} or `cancelled`. Closing the stream cancels."""
-        job, events, position = await submit(request)
+        job, events, position = await submit(request, streamed=True)
 
         async def stream() -> AsyncIterator[str]:
             try:
@@ -185,9 +203,8 @@ def model_info(pipe: LatentDiffusionPipeline, limits: ServeLimits, folder: str |
         index = json.loads((local / MODEL_INDEX).read_text())
         components = {name: value for name, value in index.items() if not name.startswith("_")}
     return {
-        # as the user named it: "runs/quickstart/pipeline" says more than the folder's own name
-        "name": str(folder) if folder is not None else "in-memory pipeline",
-        "folder": str(local or folder or ""),
+        # the folder's own name: its path on this machine is none of a client's business
+        "name": local.name if local is not None else str(folder or "in-memory pipeline"),
         "components": components,
         "defaults": asdict(pipe.defaults),
         "samplers": list(SAMPLER_NAMES),
@@ -197,7 +214,7 @@ def model_info(pipe: LatentDiffusionPipeline, limits: ServeLimits, folder: str |
         "prediction_type": pipe.noise_schedule.prediction,
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
-        "limits": asdict(limits) | {"max_side": limits.side_limit(pipe)},
+        "limits": asdict(limits) | {"max_side": limits.side_limit(pipe), "max_work": limits.work_limit(pipe)},
     }
 
 
@@ -216,18 +233,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def thread_safe_put(events: asyncio.Queue) -> Callable[[dict], None]:
-    """A callback for the worker thread that puts an event on `events` in this event loop's thread."""
-    loop = asyncio.get_running_loop()
-
-    def put(event: dict) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-    return put
-
-
-async def final_event(job: Job, events: asyncio.Queue, request: Request) -> dict | None:
+async def final_event(job: Job, events: StreamEvents, request: Request) -> dict | None:
     """The job's last event (done, error or cancelled); None, with the job cancelled, when the client leaves."""
     left = asyncio.ensure_future(client_left(request))
     try:

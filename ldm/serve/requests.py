@@ -7,22 +7,17 @@ ever sees requests it can run.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import secrets
 from dataclasses import dataclass
 
-import torch
-from PIL import Image
 from pydantic import ValidationError
 
 from ldm.generation import GenerationRequest, LatentDiffusionPipeline
 from ldm.generation.checks import OutOfRange
-from ldm.generation.inputs import image_batch
 from ldm.generation.request import SAMPLING_FIELDS
 from ldm.serve.errors import RequestError, out_of_range
+from ldm.serve.images import decode_image
 from ldm.serve.schema import SEED_RANGE, GenerateRequest
 
 # pydantic error types -> our codes; anything else is invalid_value.
@@ -143,6 +138,7 @@ def resolve_request(request: GenerateRequest, pipe: LatentDiffusionPipeline, lim
         resolved = pipe.resolve(GenerationRequest(**given, image=pixels))
     except ValueError as err:  # the pipeline's messages start with the argument's name
         raise pipeline_error(err) from err
+    check_work(resolved, request.num_images_per_prompt, limits.work_limit(pipe))
     # Image i is drawn with seed + i, and each of those seeds must replay from its PNG: the last one in range too.
     count = request.num_images_per_prompt
     last = SEED_RANGE[1] - (count - 1)
@@ -150,6 +146,20 @@ def resolve_request(request: GenerateRequest, pipe: LatentDiffusionPipeline, lim
         raise out_of_range("seed", f"at most {last} for {count} images (image i: seed + i)", request.seed)
     seed = secrets.randbelow(last + 1) if request.seed is None else request.seed
     return GenerationSpec(resolved, seeds=[seed + i for i in range(count)])
+
+
+def check_work(resolved: GenerationRequest, images: int, cap: int) -> None:
+    """Refuse a request whose images x sampler steps x pixels exceed `cap`: it would hold the worker for long."""
+    steps, height, width = resolved.steps_run, resolved.height, resolved.width
+    work = images * steps * height * width
+    if work <= cap:
+        return
+    of_all = f" (of {resolved.num_inference_steps}, strength {resolved.strength})" if resolved.image is not None else ""
+    message = (
+        f"this request is {images} image{'s' * (images > 1)} x {steps} steps{of_all} x {height}x{width} pixels = "
+        f"{work} pixel-steps; this server's cap is {cap} (--max-work): ask for fewer images, steps or pixels"
+    )
+    raise RequestError(422, "too_much_work", None, message)
 
 
 def check_prompt(prompt: str | None, field: str, pipe: LatentDiffusionPipeline, limits: ServeLimits) -> None:
@@ -168,25 +178,6 @@ def check_prompt(prompt: str | None, field: str, pipe: LatentDiffusionPipeline, 
             field,
             f"{field}: {tokens} tokens (with BOS and EOS); the text encoder reads {limit}, so shorten it",
         )
-
-
-def decode_image(data: str, side_limit: int) -> torch.Tensor:
-    """A base64 PNG / JPEG (or data: URL) as a (1, 3, H, W) tensor in [0, 1]; sides at most `side_limit`."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(422, "invalid_value", "image", f"image: is not base64 ({err})") from err
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if max(image.size) > side_limit:
-                raise out_of_range("image", f"sides of at most {side_limit} pixels", f"{image.width}x{image.height}")
-            pixels = image_batch(image.convert("RGB"))
-    except (OSError, Image.DecompressionBombError) as err:
-        message = f"image: is not a PNG or JPEG image PIL can read ({err})"
-        raise RequestError(422, "invalid_value", "image", message) from err
-    return pixels
 
 
 def pipeline_error(err: ValueError) -> RequestError:

@@ -86,8 +86,7 @@ class Health(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str = Field(description="the model as `ldm serve --model` named it; also the PNGs' `model` text chunk")
-    folder: str = Field(description="the folder's absolute path (or the hub id it was loaded by)")
+    name: str = Field(description="the model folder's name (not its path), or its hub id; also the PNGs' `model` chunk")
     components: dict = Field(description="model_index.json: each part's library and class")
     defaults: dict = Field(description="the folder's sampling defaults (ldm_sampling.json)")
     samplers: list[str]

@@ -15,6 +15,7 @@ from PIL import Image
 from ldm.serve.png import read_generation_settings
 
 PROMPT = "a red circle on a white background"
+JSON = {"Content-Type": "application/json"}  # the server refuses a body not declared JSON (415)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ BAD_BODIES = [
 def test_a_bad_request_is_refused_with_its_field_named(client, body, status, code, field):
     content = body if isinstance(body, str) else json.dumps(body)
     for path in ("/v1/generate", "/v1/generate/stream"):
-        answer = client.post(path, content=content)
+        answer = client.post(path, content=content, headers=JSON)
         assert answer.status_code == status, answer.text
         error = answer.json()["error"]
         assert (error["code"], error["field"]) == (code, field), error
@@ -214,9 +215,9 @@ def test_png_for_several_images_is_not_acceptable(client):
 def test_a_body_over_the_limit_is_refused_declared_or_streamed(client, tiny_app):
     limit = tiny_app.state.limits.max_body_bytes
     too_big = json.dumps({"prompt": PROMPT, "image": "A" * limit}).encode()
-    declared = client.post("/v1/generate", content=too_big)
+    declared = client.post("/v1/generate", content=too_big, headers=JSON)
     assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
-    chunked = client.post("/v1/generate", content=iter([too_big[: limit // 2], too_big[limit // 2 :]]))
+    chunked = client.post("/v1/generate", content=iter([too_big[: limit // 2], too_big[limit // 2 :]]), headers=JSON)
     assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
 
 

@@ -22,7 +22,10 @@ import torch
 from PIL import Image
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
+from ldm.serve import ServeLimits, create_app, serve_in_background
 from ldm.serve.png import read_generation_settings
+from ldm.serve.security import ServeAccess
+from tests.pipeline.tiny_models import tiny_pipeline
 
 CHROMIUM = os.environ.get("LDM_CHROMIUM", "/usr/bin/chromium")
 PROMPT = "a red circle on a white background"
@@ -228,3 +231,44 @@ def test_the_page_loads_nothing_from_outside_the_server(browser: Browser, server
     # a gallery image is a blob: URL of the server's PNG, held by the page under the server's origin
     outside = [url for url in urls if not url.removeprefix("blob:").startswith(f"{server_url}/")]
     assert not outside, f"the page loaded from outside {server_url}: {outside}"
+
+
+def test_a_server_with_a_key_asks_for_it_once_and_the_page_sends_it_on_every_call(browser: Browser) -> None:
+    """The page loads without the key, asks for it when the API answers 401 (again if it is wrong), then sends
+    it as the Bearer header on every API call, the stream included, and keeps it for the tab: a reload does
+    not ask again."""
+    key = "the-key-of-the-page-test"
+    app = create_app(tiny_pipeline(), ServeLimits(), access=ServeAccess(api_key=key))
+    with serve_in_background(app) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        errors: list[Exception] = []
+        page.on("pageerror", lambda error: errors.append(error))
+        api_calls: list[Request] = []
+        page.on("request", lambda request: "/v1/" in request.url and api_calls.append(request))
+        page.goto(url)
+        expect(page.locator("#key-form")).to_be_visible()
+        expect(page.locator("#key-error")).to_contain_text("this server needs its API key")
+        expect(page.locator("#generate")).to_be_disabled()
+        page.fill("#api-key", "not-the-key")
+        page.click("#use-key")
+        expect(page.locator("#key-error")).to_contain_text("the API key is wrong")
+        expect(page.locator("#key-form")).to_be_visible()
+        page.fill("#api-key", key)
+        page.click("#use-key")
+        expect(page.locator("#key-form")).to_be_hidden()
+        expect(page.locator("#status")).to_have_text("Ready.")
+
+        fill_form(page, PROMPT, steps=4)
+        with page.expect_response(lambda answer: answer.url.endswith("/v1/generate/stream")) as stream:
+            generate_and_wait(page)
+        assert stream.value.status == 200
+        expect(page.locator("#gallery figure.item")).to_have_count(1)
+        sent = [request.all_headers().get("authorization") for request in api_calls]
+        assert sent == [None, "Bearer not-the-key", f"Bearer {key}", f"Bearer {key}"], sent
+
+        page.reload()
+        expect(page.locator("#status")).to_have_text("Ready.")
+        expect(page.locator("#key-form")).to_be_hidden()
+        context.close()
+    assert not errors, f"the page's script threw: {errors}"

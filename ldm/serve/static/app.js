@@ -6,11 +6,39 @@
 const $ = (id) => document.getElementById(id);
 const FIELDS = ["prompt", "negative_prompt", "guidance_scale", "num_inference_steps", "sampler",
   "num_images_per_prompt", "width", "height", "seed", "strength"];
+const KEY_STORE = "ldm-api-key";  // sessionStorage: the key lasts as long as the tab
 let running = null;  // the AbortController of the request being run
 let initImage = null;  // base64 PNG of the image-to-image start, or null
 
+// fetch() with the API key as a Bearer header; a 401 asks the user for the key and sends the request again.
+async function api(path, options = {}) {
+  for (;;) {
+    const key = sessionStorage.getItem(KEY_STORE);
+    const headers = { ...options.headers, ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401) return response;
+    const { error } = await response.json();
+    sessionStorage.setItem(KEY_STORE, await askForKey(error.message));
+  }
+}
+
+// Shows the key form with the server's message; resolves with the key the user submits.
+function askForKey(message) {
+  $("key-error").textContent = message;
+  $("key-form").hidden = false;
+  $("api-key").value = "";
+  $("api-key").focus();
+  return new Promise((resolve) => {
+    $("key-form").addEventListener("submit", (submit) => {
+      submit.preventDefault();
+      $("key-form").hidden = true;
+      resolve($("api-key").value.trim());
+    }, { once: true });
+  });
+}
+
 async function describeModel() {
-  const model = await (await fetch("/v1/model")).json();
+  const model = await (await api("/v1/model")).json();
   $("model-name").textContent = `${model.name} · ${model.device} · ${model.dtype}`;
   $("guidance_scale").value = model.defaults.guidance_scale;
   $("num_inference_steps").value = model.defaults.num_inference_steps;
@@ -74,7 +102,7 @@ async function generate(submit) {
   setStatus("Sending…", 0);
   let finished = false;  // a done, error or cancelled event arrived
   try {
-    const response = await fetch("/v1/generate/stream", {
+    const response = await api("/v1/generate/stream", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
