@@ -181,6 +181,8 @@ class GenerationQueue:
     def _check_room(self) -> None:
         if self._given_up:
             raise self.unavailable()
+        # A client that hung up must not hold a place until the worker reaches its job.
+        self._drop([job for job in self._waiting if job.cancelled.is_set()], CANCELLED)
         if len(self._waiting) >= self.max_queue:
             raise QueueFull(self.retry_after(), self.max_queue)
 

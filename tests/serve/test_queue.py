@@ -132,6 +132,17 @@ def test_a_full_queue_refuses_with_a_retry_estimate(slow):
     assert full.value.retry_after >= 1 and "2 requests waiting" in str(full.value)
 
 
+def test_a_request_whose_client_left_gives_up_its_place_at_once(slow):
+    """A full queue of hung-up clients must not refuse the next honest one until the worker reaches them."""
+    queue = GenerationQueue(slow.pipe, max_queue=2, max_batch=1)  # not started: nothing leaves by running
+    left = [job(slow.pipe), job(slow.pipe)]
+    for j in left:
+        queue.submit(j)
+        j.cancel()
+    assert queue.submit(job(slow.pipe)) == 1
+    assert [j.on_event.last for j in left] == ["cancelled", "cancelled"]
+
+
 def test_a_request_cancelled_while_queued_is_never_sampled(slow):
     queue = GenerationQueue(slow.pipe, max_queue=8, max_batch=1)
     kept, dropped = job(slow.pipe, seed=1), job(slow.pipe, seed=2)
