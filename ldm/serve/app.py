@@ -63,6 +63,7 @@ def create_app(
     limits = limits or ServeLimits()
     queue = GenerationQueue(pipe, limits.max_queue, limits.max_batch, deadline_s=limits.deadline_s)
     info = model_info(pipe, limits, folder)
+    decoding = asyncio.Semaphore(limits.max_decoding)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,7 +119,8 @@ def create_app(
         decoded only for a `streamed` answer: nobody would receive them otherwise."""
         queue.check_room()  # before the body: a full queue should not cost reading and decoding megabytes
         raw = await read_body(request, limits.max_body_bytes)
-        spec = await run_in_threadpool(lambda: resolve_request(parse_body(raw), pipe, limits))
+        async with decoding:  # the server's memory holds max_decoding decoded uploads, however many arrive
+            spec = await run_in_threadpool(lambda: resolve_request(parse_body(raw), pipe, limits))
         if not streamed:  # batch_key reads preview_every, so this joins the batches of preview-less requests
             spec = replace(spec, request=replace(spec.request, preview_every=0))
         if single_image and len(spec.seeds) != 1:

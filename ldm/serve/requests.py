@@ -45,6 +45,7 @@ class ServeLimits:
     max_body_bytes: int = 8 * 2**20  # a 1024^2 PNG as base64 fits
     max_prompt_chars: int = 2000  # before tokenizing, which costs time per character
     max_work: int | None = None  # pixels x steps x images per request; None: see work_limit
+    max_decoding: int = 2  # bodies parsed and checked at once (each may hold an 8 MB image and its copies)
     deadline_s: float = 600.0  # a request still unanswered this long after it arrived is cancelled (504)
 
     def side_limit(self, pipe: LatentDiffusionPipeline) -> int:

@@ -343,3 +343,29 @@ def test_the_model_info_names_the_work_cap_and_the_deadline(server_url, tiny_app
     pipe = tiny_app.state.queue.pipe
     assert limits["max_work"] == 8 * pipe.default_size**2 * 200  # a full batch of default images, most steps
     assert limits["deadline_s"] == 600.0
+
+
+def test_at_most_max_decoding_bodies_are_checked_at_once(monkeypatch):
+    """Each body being checked may hold a decoded upload: however many arrive together, two are at a time."""
+    import ldm.serve.app
+
+    checking, most = 0, 0
+    lock = threading.Lock()
+    resolve = ldm.serve.app.resolve_request
+
+    def slow_resolve(*args, **kwargs):
+        nonlocal checking, most
+        with lock:
+            checking += 1
+            most = max(most, checking)
+        time.sleep(0.2)
+        with lock:
+            checking -= 1
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(ldm.serve.app, "resolve_request", slow_resolve)
+    with served(tiny_pipeline(), ServeLimits(max_decoding=2)) as (_app, client):
+        posts = Posts(client, [{"prompt": PROMPT, "num_inference_steps": 2, "seed": i} for i in range(6)])
+        answers = posts.join()
+    assert [answer.status_code for answer in answers] == [200] * 6
+    assert most == 2
