@@ -107,6 +107,8 @@ def hostile_requests(url: str, key: str | None, steps: int) -> list[tuple[str, S
         ("foreign Origin", post(json=body, headers=auth | {"Origin": "http://evil.example"})),
         ("foreign Host", lambda http: http.get("/v1/model", headers=auth | {"Host": "evil.example"})),
         ("bad JSON", post(content=b"{", headers=json_type)),
+        ("JSON nested 5000 deep", post(content=b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=json_type)),
+        ("an int of 5000 digits", post(content=b'{"prompt": "a", "seed": ' + b"1" * 5000 + b"}", headers=json_type)),
         ("unknown field", post(json=body | {"guidance": 3}, headers=auth)),
         ("zTXt bomb", post(content=image_body(ztxt_bomb_png()), headers=json_type)),
         ("animated PNG", post(content=image_body(animated_png()), headers=json_type)),

@@ -10,9 +10,9 @@
 Every request first passes `AccessGuard` (ldm.serve.security): 403 `bad_host` / `bad_origin`, 401
 `unauthorized` without the server's key, 415 for a body not sent as application/json.
 Every error is JSON {"error": {"code", "field", "message"}} with a 4xx status for what the client can change
-(400 bad JSON, 404, 405, 406, 413 body too large, 422 invalid field or too much work, 429 queue full with
-Retry-After) and a 5xx for what it cannot (500 internal_error, 503 unavailable / out_of_memory / cancelled,
-504 deadline_exceeded). A client that leaves (closes the connection) cancels its request, queued or running.
+(400 bad JSON, 404, 405, 406, 408 body too slow, 413 body too large, 422 invalid field or too much work, 429
+queue full with Retry-After) and a 5xx for what it cannot (500 internal_error, 503 unavailable / out_of_memory /
+cancelled, 504 deadline_exceeded). A client that leaves (closes the connection) cancels its request, queued or running.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import asyncio
 import base64
 import io
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
@@ -32,10 +34,11 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 import ldm
 from ldm.generation import LatentDiffusionPipeline
-from ldm.serve.errors import RequestError
+from ldm.serve.errors import RequestError, internal_error
 from ldm.serve.events import StreamEvents
 from ldm.serve.png import png_with_settings
 from ldm.serve.requests import ServeLimits, parse_body, resolve_request
@@ -43,11 +46,12 @@ from ldm.serve.schema import ErrorResponse, GenerateRequest, GenerateResponse, H
 from ldm.serve.security import AccessGuard, ServeAccess
 from ldm.serve.worker import GenerationQueue, Job, QueueFull
 
+logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 FINAL_EVENTS = ("done", "error", "cancelled")
 # Only a server shutting down cancels a request whose client still listens: a client that cancels has left.
 CANCELLED_MESSAGE = "the request was cancelled: the server is shutting down"
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 406, 413, 415, 422, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 406, 408, 413, 415, 422, 429, 503, 504)}
 REQUEST_BODY = {"content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}, "required": True}
 
 
@@ -64,6 +68,7 @@ def create_app(
     queue = GenerationQueue(pipe, limits.max_queue, limits.max_batch, deadline_s=limits.deadline_s)
     info = model_info(pipe, limits, folder)
     decoding = asyncio.Semaphore(limits.max_decoding)
+    intake = Intake()  # requests past the queue check whose bodies are still being read and checked
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,7 +100,18 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return JSONResponse(RequestError(err.status_code, code, None, str(err.detail)).body(), err.status_code)
+        body = RequestError(err.status_code, code, None, str(err.detail)).body()
+        return JSONResponse(body, err.status_code, headers=err.headers)  # 405 keeps its Allow header
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, err: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody reads an answer
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        """A bug still answers in the API's shape (the traceback goes to the log)."""
+        logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return JSONResponse(internal_error(err).body(), status_code=500)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -117,10 +133,14 @@ def create_app(
     ) -> tuple[Job, StreamEvents, int]:
         """Read, check and queue the request; its events arrive on the returned StreamEvents. Previews are
         decoded only for a `streamed` answer: nobody would receive them otherwise."""
-        queue.check_room()  # before the body: a full queue should not cost reading and decoding megabytes
-        raw = await read_body(request, limits.max_body_bytes)
-        async with decoding:  # the server's memory holds max_decoding decoded uploads, however many arrive
-            spec = await run_in_threadpool(lambda: resolve_request(parse_body(raw), pipe, limits))
+        arrived = time.monotonic()  # the deadline counts from here
+        # Before the body, counting the bodies being read as waiting: a full queue costs no reading or decoding,
+        # and at most max_queue bodies are held at once.
+        queue.check_room(arriving=intake.count)
+        with intake:
+            raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+            async with decoding:  # at most max_decoding bodies parsed and decoded at once
+                spec = await run_in_threadpool(lambda: resolve_request(parse_body(raw), pipe, limits))
         if not streamed:  # batch_key reads preview_every, so this joins the batches of preview-less requests
             spec = replace(spec, request=replace(spec.request, preview_every=0))
         if single_image and len(spec.seeds) != 1:
@@ -132,7 +152,7 @@ def create_app(
                 "ask for application/json",
             )
         events = StreamEvents(asyncio.get_running_loop())
-        job = Job(spec, events.put)
+        job = Job(spec, events.put, submitted=arrived)
         position = queue.submit(job)
         return job, events, position
 
@@ -220,19 +240,41 @@ def model_info(pipe: LatentDiffusionPipeline, limits: ServeLimits, folder: str |
     }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes, declared or sent."""
+class Intake:
+    """How many requests are between the queue check and the queue (reading and checking their bodies)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> None:
+        self.count += 1  # the event loop's thread only: no lock needed
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes, declared or sent, and (408) when it
+    has not all arrived within `timeout_s` seconds, so a slow sender cannot hold its place."""
     too_large = RequestError(413, "body_too_large", None, f"the body is larger than this server's {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        message = f"the body did not arrive within this server's {timeout_s:g} s"
+        raise RequestError(408, "body_timeout", None, message) from None
 
 
 async def final_event(job: Job, events: StreamEvents, request: Request) -> dict | None:

@@ -46,6 +46,7 @@ class ServeLimits:
     max_prompt_chars: int = 2000  # before tokenizing, which costs time per character
     max_work: int | None = None  # pixels x steps x images per request; None: see work_limit
     max_decoding: int = 2  # bodies parsed and checked at once (each may hold an 8 MB image and its copies)
+    body_timeout_s: float = 60.0  # a body must arrive within this (a slow sender holds a place in the queue)
     deadline_s: float = 600.0  # a request still unanswered this long after it arrived is cancelled (504)
 
     def side_limit(self, pipe: LatentDiffusionPipeline) -> int:
@@ -92,7 +93,7 @@ def parse_body(raw: bytes) -> GenerateRequest:
     """The JSON body as a GenerateRequest, or a RequestError naming what is wrong (and where in the JSON)."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, an int of 5000 digits; deep nesting
         raise RequestError(400, "invalid_json", None, f"the body is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise RequestError(400, "invalid_json", None, f"the body must be a JSON object, got {type(data).__name__}")
@@ -110,7 +111,7 @@ def validation_error(err: ValidationError) -> RequestError:
     if code == "unknown_field":
         message = f"{field}: is not a field of this request; the fields are {', '.join(FIELDS)}"
     else:
-        message = f"{field}: {first['msg']}, got {first.get('input')!r}"
+        message = f"{field}: {first['msg']}, got {shortened(repr(first.get('input')))}"
     return RequestError(422, code, field, message)
 
 
@@ -187,3 +188,8 @@ def pipeline_error(err: ValueError) -> RequestError:
     name = message.split(":", 1)[0]
     code = "out_of_range" if isinstance(err, OutOfRange) else "invalid_value"
     return RequestError(422, code, name if name in FIELDS else None, message)
+
+
+def shortened(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters: an error message does not echo a megabyte of the client's input."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

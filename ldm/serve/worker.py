@@ -137,19 +137,27 @@ class GenerationQueue:
                 return
 
     def submit(self, job: Job) -> int:
-        """Queue `job`; returns its place (1 = next). QueueFull when `max_queue` jobs wait already."""
+        """Queue `job`; returns its place (1 = next). QueueFull when `max_queue` jobs wait already, 503
+        `unavailable` when no thread runs the queue (closing, or gave up)."""
         with self._condition:
-            if self._closing:
-                raise RuntimeError("the generation queue is closed")
             self._check_room()
             self._waiting.append(job)
             self._condition.notify()
             return len(self._waiting)
 
-    def check_room(self) -> None:
-        """Raise what `submit` would refuse a job with now (QueueFull, or 503 unavailable), queueing nothing."""
+    def check_room(self, arriving: int = 0) -> None:
+        """Raise what `submit` would refuse a job with now, counting `arriving` requests still being read and
+        checked as waiting (QueueFull, or 503 unavailable); queues nothing."""
         with self._condition:
-            self._check_room()
+            self._check_room(arriving)
+
+    def cancel_all(self) -> None:
+        """Cancel every waiting and running job without waiting for the thread: a server about to stop answers
+        them (503 cancelled) while its connections are still open."""
+        with self._condition:
+            for job in (*self._waiting, *self._running):
+                job.cancel()
+            self._drop_cancelled()
 
     def retry_after(self) -> int:
         """Whole seconds until about one waiting job leaves the queue: the worker takes the next batch when its
@@ -178,13 +186,16 @@ class GenerationQueue:
     def running(self) -> int:
         return len(self._running)
 
-    def _check_room(self) -> None:
-        if self._given_up:
+    def _check_room(self, arriving: int = 0) -> None:
+        started_and_dead = self._thread.ident is not None and not self._thread.is_alive()
+        if self._closing or self._given_up or started_and_dead:  # nothing would ever answer the job
             raise self.unavailable()
-        # A client that hung up must not hold a place until the worker reaches its job.
-        self._drop([job for job in self._waiting if job.cancelled.is_set()], CANCELLED)
-        if len(self._waiting) >= self.max_queue:
+        self._drop_cancelled()  # a client that hung up must not hold a place until the worker reaches its job
+        if len(self._waiting) + arriving >= self.max_queue:
             raise QueueFull(self.retry_after(), self.max_queue)
+
+    def _drop_cancelled(self) -> None:
+        self._drop([job for job in self._waiting if job.cancelled.is_set()], CANCELLED)
 
     # ---- the worker thread ---------------------------------------------------------------------------
 
@@ -217,8 +228,11 @@ class GenerationQueue:
                              MAX_RESTARTS + 1, RESTART_WINDOW_S)  # fmt: skip
                 self._given_up = True
                 self._drop(self._waiting, {"event": "error", "error": self.unavailable()})
-        for job in held:
-            job.answer({"event": "error", "error": internal_error(err)})
+        for job in held:  # each one answered, whatever the others' callbacks do
+            try:
+                job.answer({"event": "error", "error": internal_error(err)})
+            except Exception:
+                logger.exception("answering a request the failed thread held")
 
     def _work(self) -> None:
         while True:
@@ -239,7 +253,7 @@ class GenerationQueue:
     def _next_batch(self) -> list[Job]:
         """The oldest live job and the waiting jobs that can share its call (under the lock). Jobs leave the
         queue only once the batch is chosen, so a failure here loses none."""
-        self._drop([job for job in self._waiting if job.cancelled.is_set()], CANCELLED)
+        self._drop_cancelled()
         self._drop([job for job in self._waiting if self._past_deadline(job)], self._deadline_exceeded())
         if not self._waiting:
             return []

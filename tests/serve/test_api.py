@@ -229,3 +229,25 @@ def test_unknown_paths_and_methods_answer_json_errors(client):
 
 def test_the_server_still_serves_after_every_bad_request(client):
     assert client.post("/v1/generate", json={"prompt": PROMPT, "num_inference_steps": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"prompt": "a", "seed": ' + b"1" * 5000 + b"}"],
+    ids=["nested-5000-deep", "an-int-of-5000-digits"],
+)
+def test_json_that_breaks_the_parser_is_refused_as_invalid_json(client, content):
+    answer = client.post("/v1/generate", content=content, headers=JSON)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+
+
+def test_an_error_message_does_not_echo_a_huge_input(client):
+    answer = client.post("/v1/generate", json={"prompt": "a", "sampler": "x" * 100_000})
+    error = answer.json()["error"]
+    assert answer.status_code == 422 and error["field"] == "sampler" and len(error["message"]) < 400
+
+
+def test_a_wrong_method_is_answered_405_with_the_allowed_ones(client):
+    answer = client.get("/v1/generate")
+    assert answer.status_code == 405 and answer.json()["error"]["code"] == "method_not_allowed"
+    assert answer.headers["allow"] == "POST"

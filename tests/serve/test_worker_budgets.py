@@ -369,3 +369,66 @@ def test_at_most_max_decoding_bodies_are_checked_at_once(monkeypatch):
         answers = posts.join()
     assert [answer.status_code for answer in answers] == [200] * 6
     assert most == 2
+
+
+@contextmanager
+def body_sent_slowly(url: httpx.URL, declared: int = 2000) -> Iterator[socket.socket]:
+    """A POST whose headers and first bytes are sent, the rest of its `declared` body never."""
+    with socket.create_connection((url.host, url.port), timeout=30) as connection:
+        head = (
+            f"POST /v1/generate HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        connection.sendall(head.encode() + b'{"prompt": "a')
+        yield connection
+
+
+def test_a_body_that_does_not_arrive_in_time_is_answered_408():
+    with served(tiny_pipeline(), ServeLimits(body_timeout_s=0.5)) as (_, client):
+        with body_sent_slowly(client.base_url) as connection:
+            answer = connection.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in answer
+
+
+def test_bodies_still_arriving_hold_their_places_in_the_queue():
+    """max_queue bounds the requests waiting plus those whose bodies are being read, so slow senders cannot
+    make the server hold more than max_queue bodies."""
+    with served(tiny_pipeline(), ServeLimits(max_queue=1)) as (_, client):
+        with body_sent_slowly(client.base_url):
+            time.sleep(0.3)  # its headers are in: it is reading the body
+            answer = client.post("/v1/generate", json={"prompt": PROMPT, "num_inference_steps": 2})
+        assert error_of(answer) == (429, "queue_full")
+        assert client.post("/v1/generate", json={"prompt": PROMPT, "num_inference_steps": 2}).status_code == 200
+
+
+def test_a_bug_in_the_app_is_answered_as_the_apis_json_error(monkeypatch):
+    import ldm.serve.app
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(ldm.serve.app, "resolve_request", broken)
+    with served(tiny_pipeline()) as (_, client):
+        answer = client.post("/v1/generate", json={"prompt": PROMPT})
+    assert error_of(answer) == (500, "internal_error") and "KeyError" in answer.json()["error"]["message"]
+
+
+def test_a_queue_whose_thread_is_gone_refuses_new_requests(slow):
+    """A thread that ended without a restart (a BaseException, say) answers no one: submits are refused 503."""
+    queue = GenerationQueue(slow.pipe, max_queue=4, max_batch=1)
+    gone = threading.Thread(target=lambda: None)
+    gone.start()
+    gone.join()
+    queue._thread = gone
+    with pytest.raises(Exception) as refused:
+        queue.submit(job(slow.pipe))
+    assert getattr(refused.value, "code", None) == "unavailable" and queue.queued == 0
+
+
+def test_cancel_all_answers_the_waiting_at_once(slow):
+    queue = GenerationQueue(slow.pipe, max_queue=4, max_batch=1)  # not started
+    waiting = [job(slow.pipe), job(slow.pipe)]
+    for j in waiting:
+        queue.submit(j)
+    queue.cancel_all()
+    assert [j.on_event.last for j in waiting] == ["cancelled", "cancelled"] and queue.queued == 0
