@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -116,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from ldm.commands.generate import apply_lora
     from ldm.generation import LatentDiffusionPipeline
     from ldm.serve import ServeLimits, create_app
+    from ldm.serve.background import GracefulServer
 
     try:
         access = serve_access(args.host, key, args.allow_host, args.allow_origin)
@@ -131,9 +133,10 @@ def _run(args: argparse.Namespace) -> int:
     host, port = listener.getsockname()[:2]
     if access.api_key is not None:
         logging.getLogger(__name__).info("every API call needs the key; without TLS in front it travels in clear")
-    print(f"ldm serve: {args.model} at http://{'localhost' if host == '127.0.0.1' else host}:{port}/", flush=True)
+    shown = "localhost" if host == "127.0.0.1" else f"[{host}]" if ":" in host else host  # IPv6 in brackets
+    print(f"ldm serve: {args.model} at http://{shown}:{port}/", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[listener])
+    GracefulServer(config).run(sockets=[listener])  # a stop signal first answers the open requests
     return 0
 
 
@@ -143,8 +146,10 @@ def limit_values(args: argparse.Namespace) -> dict[str, float | None]:
 
     for name in LIMIT_FLAGS:
         value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise CommandError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+        if value is not None and not (0 < value < math.inf):  # nan and inf too: a deadline of nan is none
+            raise CommandError(f"--{name.replace('_', '-')}: must be positive and finite, got {value}")
+    if args.max_body_mb * 2**20 < 1024:
+        raise CommandError(f"--max-body-mb: must allow at least 1 kB, got {args.max_body_mb}")
     counts = {name: getattr(args, name) for name in LIMIT_FLAGS if name not in ("max_body_mb", "deadline")}
     return counts | {"max_body_bytes": int(args.max_body_mb * 2**20), "deadline_s": args.deadline}
 
@@ -156,7 +161,8 @@ def api_key(args: argparse.Namespace) -> str | None:
 
     if args.api_key_file is not None:
         try:
-            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a byte-order mark some editors write is not part of the key
+            lines = Path(args.api_key_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise CommandError(f"--api-key-file: cannot read {args.api_key_file} ({err})") from err
         key, source = (lines[0].strip() if lines else ""), f"--api-key-file: the first line of {args.api_key_file}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,42 +53,68 @@ def bound_names(host: str) -> tuple[str, ...]:
     return (normal_host(host),)
 
 
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+HOST_HEADER = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:\d{1,5})?")
+
+
 def normal_host(name: str) -> str:
-    """A host name as Host headers are compared: lower case, no trailing dot, IPv6 in brackets; ValueError for
-    anything with a scheme, path or port."""
-    name = name.strip().lower().rstrip(".")
-    if ":" in name and not name.startswith("["):
+    """A host name as Host headers are compared: lower case, no trailing dot, IPv6 bracketed and canonical;
+    ValueError for anything else (a scheme, port, path, zone id)."""
+    value = name.strip().lower()
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if ":" in bare:
         try:
-            name = f"[{ipaddress.IPv6Address(name)}]"
+            return f"[{ipaddress.IPv6Address(bare)}]" if "%" not in bare else ""
         except ValueError:
-            raise ValueError(f"{name!r} is not a host name: give the name alone, no scheme, port or path") from None
-    if not name or "/" in name or "@" in name or (name.startswith("[") and not name.endswith("]")):
-        raise ValueError(f"{name!r} is not a host name: give the name alone, no scheme, port or path")
-    return name
+            pass
+    elif HOST_NAME.fullmatch(bare.rstrip(".")) and bare == value:
+        return bare.rstrip(".")
+    raise ValueError(f"{name!r} is not a host name: give the name alone, no scheme, port or path")
 
 
 def normal_origin(origin: str) -> str:
     """An origin as browsers send it, `scheme://host[:port]` in lower case; ValueError for anything else."""
     parts = urlsplit(origin.strip().lower().rstrip("/"))
+    problem = ValueError(f"{origin!r} is not an origin: give scheme://host[:port], e.g. https://studio.example")
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
-        raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port], e.g. https://studio.example")
-    return f"{parts.scheme}://{parts.netloc}"
+        raise problem
+    try:
+        netloc = normal_netloc(parts.netloc)
+    except ValueError:
+        raise problem from None
+    default_port = {"http": ":80", "https": ":443"}[parts.scheme]  # browsers leave it out
+    return f"{parts.scheme}://{netloc.removesuffix(default_port)}"
 
 
 def host_name(host_header: str) -> str:
-    """The name part of a Host header value (`[::1]:8000` -> `[::1]`, `Example.LAN:80` -> `example.lan`)."""
-    value = host_header.strip().lower()
-    if value.startswith("["):
-        return value[: value.find("]") + 1]
-    return value.rpartition(":")[0] if ":" in value else value
+    """The normal name of a Host header value (`[::1]:8000` -> `[::1]`, `Example.LAN.:80` -> `example.lan`);
+    "" for anything that is not a name or address with an optional port (it is refused)."""
+    match = HOST_HEADER.fullmatch(host_header.strip().lower())
+    if match is None:
+        return ""
+    try:
+        return normal_host(match["name"])
+    except ValueError:
+        return ""
 
 
 def is_ip_address(name: str) -> bool:
+    """Whether a normal name (`host_name`) is an IPv4 address or a bracketed IPv6 one."""
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
     try:
-        ipaddress.ip_address(name.strip("[]"))
+        address = ipaddress.ip_address(bare)
     except ValueError:
         return False
-    return True
+    return (address.version == 6) == (bare != name)
+
+
+def normal_netloc(netloc: str) -> str:
+    """host[:port] of an origin, compared as browsers send it: the normal name, the scheme's default port
+    left out by the caller (`normal_origin`)."""
+    match = HOST_HEADER.fullmatch(netloc)
+    if match is None:
+        raise ValueError(netloc)
+    return normal_host(match["name"]) + (match.group(2) or "")
 
 
 @dataclass(frozen=True)
@@ -168,7 +195,7 @@ class ServeAccess:
     def key_matches(self, authorization: str) -> bool:
         scheme, _, token = authorization.strip().partition(" ")
         # headers arrive as latin-1 text: encoding back gives the bytes the client sent, UTF-8 for a UTF-8 key
-        sent = token.strip().encode("latin-1", errors="replace")
+        sent = token.strip().encode("latin-1")
         return scheme.lower() == "bearer" and hmac.compare_digest(sent, self.api_key.encode())
 
     def origin_allowed(self, origin: str, host_header: str) -> bool:
@@ -178,7 +205,12 @@ class ServeAccess:
             origin = normal_origin(origin)
         except ValueError:
             return False
-        return origin in self.allowed_origins or urlsplit(origin).netloc == host_header.strip().lower()
+        if origin in self.allowed_origins:
+            return True
+        try:  # the server's own: the Host it was reached at, under either scheme
+            return origin in (normal_origin(f"{scheme}://{host_header.strip()}") for scheme in ("http", "https"))
+        except ValueError:
+            return False
 
     @staticmethod
     def open_without_key(method: str, path: str) -> bool:
@@ -193,6 +225,10 @@ class AccessGuard:
         self.app, self.access = app, access
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "websocket":  # the API has no websocket route: refuse before anything reads it
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] == "http":
             headers: dict[str, str] = {}
             for name, value in scope["headers"]:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ldm.serve import ServeLimits, create_app, serve_in_background
 from ldm.serve.png import MODEL_KEY
+from ldm.serve.security import AccessGuard, ServeAccess
 from tests.pipeline.tiny_models import tiny_pipeline
 
 KEY = "s3cret-key-of-the-tests"
@@ -136,7 +137,11 @@ def test_a_post_from_an_allowed_origin_is_accepted_and_others_are_not(allowing_u
 # ---- Host: a DNS-rebound name is refused on every route ------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example"])
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:8000", "localhost.evil.example", "[::1]evil.example", "127.0.0.1:evil",
+     "1.2.3.4]", "[fe80::1%eth0]:8000", "localhost:80:80"],
+)  # fmt: skip
 def test_a_foreign_host_is_refused_on_every_route(server_url, tiny_app, monkeypatch, host):
     """evil.example resolving to 127.0.0.1 makes the browser send `Host: evil.example` here: the page, the
     static files, the API, even health, are refused."""
@@ -149,7 +154,9 @@ def test_a_foreign_host_is_refused_on_every_route(server_url, tiny_app, monkeypa
     assert submitted == []
 
 
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:{port}", "[::1]:{port}", "LOCALHOST:1", "10.0.0.7:8000"])
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost.:{port}", "127.0.0.1:{port}", "[::1]:{port}", "LOCALHOST:1", "10.0.0.7:8000"]
+)
 def test_loopback_names_and_ip_addresses_are_answered(server_url, host):
     """DNS rebinding needs a name: an IP address in Host names this machine, whatever the port."""
     host = host.format(port=server_url.rpartition(":")[2])
@@ -233,3 +240,36 @@ def test_the_model_is_named_by_its_folder_and_no_path_is_shown(tmp_path):
     with Image.open(io.BytesIO(png.content)) as image:
         assert image.text[MODEL_KEY] == "tiny-model"
     assert "folder" not in schema["properties"]
+
+
+def test_a_post_from_the_servers_own_page_on_the_default_port_is_accepted(server_url):
+    """Browsers leave the scheme's default port out of Origin: http://localhost is the page of localhost:80."""
+    answer = post(server_url, "/v1/generate", Host="localhost:80", Origin="http://localhost")
+    assert answer.status_code == 200, answer.text
+
+
+def test_an_allowed_origin_on_its_default_port_matches_what_browsers_send():
+    access = ServeAccess(allowed_origins=("https://studio.example:443",))
+    assert access.origin_allowed("https://studio.example", "localhost:8000")
+
+
+def test_a_websocket_is_refused_before_the_app_sees_it():
+    """No route speaks websocket (and uvicorn without a websocket library never makes such a scope): where one
+    arrives, the guard closes it with a policy violation."""
+    import asyncio
+
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = AccessGuard(app, ServeAccess())
+    scope = {"type": "websocket", "path": "/static/app.js", "headers": [(b"host", b"localhost:8000")]}
+    asyncio.run(guard(scope, receive, send))
+    assert seen == [] and sent == [{"type": "websocket.close", "code": 1008}]

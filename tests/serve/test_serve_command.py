@@ -190,3 +190,55 @@ def test_with_a_key_file_it_serves_the_network_and_every_api_call_needs_the_key(
         assert server.wait(timeout=30) == -signal.SIGTERM
         output = server.stdout.read() + server.stderr.read()
     assert KEY not in line + output and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--deadline", "nan", "--deadline: must be positive and finite"), ("--deadline", "inf", "--deadline: must"),
+     ("--max-body-mb", "1e-9", "--max-body-mb: must allow at least 1 kB")],
+)  # fmt: skip
+def test_a_limit_that_would_switch_itself_off_is_named(model_folder, flag, value, message):
+    result = run_serve("--model", str(model_folder), flag, value)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_holds_the_key_without_it(tmp_path):
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(KEY + "\n", encoding="utf-8-sig")
+    assert api_key(argparse.Namespace(api_key=None, api_key_file=str(key_file))) == KEY
+
+
+def test_a_stop_signal_answers_the_running_request_before_the_connections_close(model_folder):
+    """SIGTERM mid-generation: the stream gets its `cancelled` event (uvicorn alone would wait out its grace
+    period and cut the connection) and the process ends as a SIGTERM-stopped one should."""
+    command = [*COMMAND, "serve", "--model", str(model_folder), "--port", "0", "--max-work", "10000000000"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        base = re.search(r"(http://\S+?)/?$", server.stdout.readline().strip()).group(1)
+        wait_for_health(base)
+        long = {"prompt": "a red circle", "num_inference_steps": 200, "num_images_per_prompt": 8}
+        events = []
+        with httpx.stream("POST", f"{base}/v1/generate/stream", json=long, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line.removeprefix("event: "))
+                    if events[-1] == "started":
+                        server.send_signal(signal.SIGTERM)
+        assert events[-1] == "cancelled", events[-3:]
+        assert server.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_an_ipv6_loopback_address_is_printed_in_brackets(model_folder):
+    command = [*COMMAND, "serve", "--model", str(model_folder), "--host", "::1", "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"at (http://\[::1\]:\d+)/$", line.strip())
+        assert url is not None, line + server.stderr.read() if server.poll() is not None else line
+        assert wait_for_health(url.group(1))["status"] == "ok"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
