@@ -2,15 +2,16 @@
 
 A web page the user visits must not be able to generate through the user's browser, and a server open to the
 network must ask for a key. `AccessGuard` refuses, in this order, before the app sees the request:
-    Host          not a name this server answers to (DNS rebinding: evil.example resolving to 127.0.0.1)
-                  -> 403 bad_host, on every route
+    Host          malformed (anything but `name`, IPv4 or `[IPv6]`, then `:digits`), or not a name this server
+                  answers to (DNS rebinding: evil.example resolving to 127.0.0.1) -> 403 bad_host, on every route
     Authorization no `Bearer <key>` when the server has a key -> 401 unauthorized with WWW-Authenticate: Bearer;
                   the page (GET /, /static/...) and GET /v1/health stay open: the page must load to ask for
                   the key, and supervisors probe health
     Origin        (state-changing methods) a page of another site -> 403 bad_origin
     Content-Type  (state-changing methods) not application/json, so no HTML form can send the body without a
                   CORS preflight, which this server never grants -> 415 unsupported_media_type
-Each refusal is the API's JSON error (`RequestError.body()`).
+Each refusal is the API's JSON error (`RequestError.body()`). Websocket handshakes are refused, all of them: no
+route takes one.
 """
 
 from __future__ import annotations
@@ -26,22 +27,25 @@ from urllib.parse import urlsplit
 
 from ldm.serve.errors import RequestError
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")  # in normal_host form
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 OPEN_PATHS = ("/", "/v1/health")  # and everything under /static/: what the page needs to load
+DEFAULT_PORTS = {"http": 80, "https": 443}
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")  # punycode
+HOST_AND_PORT = re.compile(r"(?P<host>\[[^\[\]]*\]|[^\[\]:]*)(?::(?P<port>[0-9]+))?")
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 
 def is_loopback(host: str) -> bool:
     """Whether listening on `host` (as `--host` names it) reaches this machine only."""
-    if host.lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a name: it may resolve anywhere
+        host = normal_host(host)
+    except ValueError:  # "" (every address) or not a host at all
         return False
+    address = ip_address_of(host)
+    return host == "localhost" or (address is not None and address.is_loopback)  # a name may resolve anywhere
 
 
 def bound_names(host: str) -> tuple[str, ...]:
@@ -53,68 +57,71 @@ def bound_names(host: str) -> tuple[str, ...]:
     return (normal_host(host),)
 
 
-HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
-HOST_HEADER = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:\d{1,5})?")
-
-
 def normal_host(name: str) -> str:
-    """A host name as Host headers are compared: lower case, no trailing dot, IPv6 bracketed and canonical;
+    """A host as Host headers are compared, the one form for allowed names and requests alike: a name in lower case
+    without its trailing dot, an IPv4 address, or an IPv6 address (bare or in brackets) canonical and in brackets;
     ValueError for anything else (a scheme, port, path, zone id)."""
-    value = name.strip().lower()
-    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
-    if ":" in bare:
-        try:
-            return f"[{ipaddress.IPv6Address(bare)}]" if "%" not in bare else ""
-        except ValueError:
-            pass
-    elif HOST_NAME.fullmatch(bare.rstrip(".")) and bare == value:
-        return bare.rstrip(".")
-    raise ValueError(f"{name!r} is not a host name: give the name alone, no scheme, port or path")
+    host = name.strip().lower()
+    if not host.startswith("["):
+        host = host.removesuffix(".")  # `localhost.` is `localhost`, fully qualified
+    address = ip_address_of(host)
+    if address is not None:
+        return f"[{address}]" if address.version == 6 else str(address)
+    if not HOST_NAME.fullmatch(host):
+        raise ValueError(f"{name!r} is not a host name: give the name alone, no scheme, port or path")
+    return host
+
+
+def ip_address_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` is (`127.0.0.1`, `::1`, `[::1]`), or None: a name, an IPv4 address in brackets, an IPv6
+    address with a zone id (which names an interface of the client, not this server) or junk."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None
+    if (bracketed and address.version == 4) or getattr(address, "scope_id", None) is not None:
+        return None
+    return address
+
+
+def is_ip_address(host: str) -> bool:
+    return ip_address_of(host) is not None
+
+
+def host_and_port(value: str) -> tuple[str, int | None]:
+    """`host[:port]` as a Host header or an origin's netloc says it: `[IPv6]` or a name or IPv4 address, then an
+    optional port of digits, the host through `normal_host`; ValueError for anything else, such as junk after `]`
+    or in the port (`[::1]evil.example`, `127.0.0.1:evil`)."""
+    match = HOST_AND_PORT.fullmatch(value.strip())
+    if match is None or (match["port"] is not None and int(match["port"]) > 65535):
+        raise ValueError(f"{value!r} is not host[:port]")
+    return normal_host(match["host"]), (None if match["port"] is None else int(match["port"]))
+
+
+def host_of_header(host_header: str) -> str | None:
+    """The host of a Host header value in `normal_host` form (`[::1]:8000` -> `[::1]`, `Example.LAN.:80` ->
+    `example.lan`), or None when it is malformed."""
+    try:
+        return host_and_port(host_header)[0]
+    except ValueError:
+        return None
 
 
 def normal_origin(origin: str) -> str:
-    """An origin as browsers send it, `scheme://host[:port]` in lower case; ValueError for anything else."""
-    parts = urlsplit(origin.strip().lower().rstrip("/"))
-    problem = ValueError(f"{origin!r} is not an origin: give scheme://host[:port], e.g. https://studio.example")
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
-        raise problem
+    """An origin as browsers send it, `scheme://host[:port]`, the host through `normal_host` and without the
+    scheme's default port (browsers omit it); ValueError for anything else."""
     try:
-        netloc = normal_netloc(parts.netloc)
+        parts = urlsplit(origin.strip().lower().rstrip("/"))
+        if parts.scheme not in DEFAULT_PORTS or parts.path or parts.query or parts.fragment:
+            raise ValueError(origin)  # to the one message below
+        host, port = host_and_port(parts.netloc)
     except ValueError:
-        raise problem from None
-    default_port = {"http": ":80", "https": ":443"}[parts.scheme]  # browsers leave it out
-    return f"{parts.scheme}://{netloc.removesuffix(default_port)}"
-
-
-def host_name(host_header: str) -> str:
-    """The normal name of a Host header value (`[::1]:8000` -> `[::1]`, `Example.LAN.:80` -> `example.lan`);
-    "" for anything that is not a name or address with an optional port (it is refused)."""
-    match = HOST_HEADER.fullmatch(host_header.strip().lower())
-    if match is None:
-        return ""
-    try:
-        return normal_host(match["name"])
-    except ValueError:
-        return ""
-
-
-def is_ip_address(name: str) -> bool:
-    """Whether a normal name (`host_name`) is an IPv4 address or a bracketed IPv6 one."""
-    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-    try:
-        address = ipaddress.ip_address(bare)
-    except ValueError:
-        return False
-    return (address.version == 6) == (bare != name)
-
-
-def normal_netloc(netloc: str) -> str:
-    """host[:port] of an origin, compared as browsers send it: the normal name, the scheme's default port
-    left out by the caller (`normal_origin`)."""
-    match = HOST_HEADER.fullmatch(netloc)
-    if match is None:
-        raise ValueError(netloc)
-    return normal_host(match["name"]) + (match.group(2) or "")
+        raise ValueError(
+            f"{origin!r} is not an origin: give scheme://host[:port], e.g. https://studio.example"
+        ) from None
+    default = port is None or port == DEFAULT_PORTS[parts.scheme]
+    return f"{parts.scheme}://{host}" + ("" if default else f":{port}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,8 @@ class ServeAccess:
         return cls(api_key, (*bound_names(host), *allow_hosts), allow_origins)
 
     def refusal(self, method: str, path: str, headers: Mapping[str, str]) -> RequestError | None:
-        """Why this request is refused, or None; `headers` by lower-case name."""
+        """Why this request is refused, or None; `headers` by lower-case name, decoded as latin-1 (as
+        AccessGuard does: every byte one character)."""
         host = headers.get("host", "")
         if not self.host_allowed(host):
             return RequestError(
@@ -153,7 +161,7 @@ class ServeAccess:
                 "bad_host",
                 None,
                 f"Host {host!r} is not a name this server answers to; if it should, start it with "
-                f"--allow-host {host_name(host) or 'NAME'}",
+                f"--allow-host {host_of_header(host) or 'NAME'}",
             )
         if self.api_key is not None and not self.open_without_key(method, path):
             authorization = headers.get("authorization")
@@ -188,9 +196,9 @@ class ServeAccess:
         return None
 
     def host_allowed(self, host_header: str) -> bool:
-        name = host_name(host_header)
+        host = host_of_header(host_header)
         # DNS rebinding needs a name the attacker controls; an IP address names this machine (or its proxy)
-        return bool(name) and (name in self.allowed_hosts or is_ip_address(name))
+        return host is not None and (host in self.allowed_hosts or is_ip_address(host))
 
     def key_matches(self, authorization: str) -> bool:
         scheme, _, token = authorization.strip().partition(" ")

@@ -140,7 +140,7 @@ def test_a_post_from_an_allowed_origin_is_accepted_and_others_are_not(allowing_u
 @pytest.mark.parametrize(
     "host",
     ["evil.example", "evil.example:8000", "localhost.evil.example", "[::1]evil.example", "127.0.0.1:evil",
-     "1.2.3.4]", "[fe80::1%eth0]:8000", "localhost:80:80"],
+     "1.2.3.4]", "[fe80::1%eth0]:8000", "localhost:80:80", "localhost..", "localhost:99999", "[127.0.0.1]"],
 )  # fmt: skip
 def test_a_foreign_host_is_refused_on_every_route(server_url, tiny_app, monkeypatch, host):
     """evil.example resolving to 127.0.0.1 makes the browser send `Host: evil.example` here: the page, the

@@ -154,11 +154,24 @@ def test_the_key_is_the_files_first_line_or_the_flag_or_the_environment(tmp_path
 @pytest.mark.parametrize(
     ("hosts", "origins", "flag"),
     [(["myhost.lan:8000"], [], "--allow-host"), (["http://myhost.lan"], [], "--allow-host"),
+     (["fe80::1%eth0"], [], "--allow-host"), (["localhost.."], [], "--allow-host"),
      ([], ["studio.example"], "--allow-origin"), ([], ["https://studio.example/page"], "--allow-origin")],
 )  # fmt: skip
 def test_a_malformed_allowed_host_or_origin_is_named(hosts, origins, flag):
     with pytest.raises(CommandError, match=f"^{flag}: "):
         serve_access("127.0.0.1", None, hosts, origins)
+
+
+@pytest.mark.parametrize("host", ["::1]", "[[::1]]", "[127.0.0.1]", "localhost..", "0.0.0.0"])
+def test_a_host_is_loopback_only_when_it_parses_as_a_loopback_address(host):
+    """`::1]` once passed as ::1 (brackets stripped, not parsed): such a --host is not taken for this machine."""
+    with pytest.raises(CommandError, match=r"needs an API key"):
+        serve_access(host, None, [], [])
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.", "127.0.0.2", "::1", "[::1]", "[0:0::1]"])
+def test_every_spelling_of_a_loopback_host_needs_no_key(host):
+    assert serve_access(host, None, [], []).allowed_hosts == ("localhost", "127.0.0.1", "[::1]")
 
 
 def test_a_loopback_host_needs_no_key_and_a_named_host_is_answered_as_itself():
