@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
+from ldm.serve.images import PNG_SIGNATURE, png_chunk
 from ldm.serve.png import read_generation_settings
 
 PROMPT = "a red circle on a white background"
@@ -58,10 +59,6 @@ class MixedReport:
         return by_code
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def ztxt_bomb_png(side: int = 16, inflated_mb: int = 64) -> bytes:
     """A valid small RGB PNG whose zTXt chunk inflates to `inflated_mb` MB of zeros."""
     compressor, zeros = zlib.compressobj(9), bytes(2**20)
@@ -69,8 +66,8 @@ def ztxt_bomb_png(side: int = 16, inflated_mb: int = 64) -> bytes:
     raw = b"".join(b"\x00" + bytes(3 * side) for _ in range(side))
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"zTXt", b"Comment\x00\x00" + text)
-        + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+        PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"zTXt", b"Comment\x00\x00" + text)
+        + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
     )  # fmt: skip
 
 
@@ -122,14 +119,19 @@ def hostile_requests(url: str, key: str | None, steps: int) -> list[tuple[str, S
     return bad
 
 
+def post_head(url: str, path: str, length: int, headers: dict) -> bytes:
+    """The head of a JSON POST of `length` bytes to `path`, for clients that speak HTTP over a raw socket."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {urlsplit(url).netloc}", "Content-Type: application/json",
+             f"Content-Length: {length}", "Connection: close"]  # fmt: skip
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 def declared_body_too_large(url: str, headers: dict) -> httpx.Response:
     """Declare a 9 MB body and send none of it: the server must answer 413 without waiting for it."""
     parts = urlsplit(url)
-    head = ["POST /v1/generate HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
-            f"Content-Length: {9 * 2**20}", "Connection: close"]  # fmt: skip
-    head += [f"{name}: {value}" for name, value in headers.items()]
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        sock.sendall(post_head(url, "/v1/generate", 9 * 2**20, headers))
         received = bytearray()
         while chunk := sock.recv(65536):
             received += chunk
@@ -170,14 +172,11 @@ def slow_stream(url: str, headers: dict, body: dict, bytes_per_read: int, pause_
     `pause_s` between reads, so the server's sends block; returns the whole answer as text."""
     parts = urlsplit(url)
     payload = json.dumps(body).encode()
-    head = ["POST /v1/generate/stream HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
-            f"Content-Length: {len(payload)}", "Connection: close"]  # fmt: skip
-    head += [f"{name}: {value}" for name, value in headers.items()]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(timeout)
         sock.connect((parts.hostname, parts.port))
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        sock.sendall(post_head(url, "/v1/generate/stream", len(payload), headers) + payload)
         received = bytearray()
         while chunk := sock.recv(bytes_per_read):
             received += chunk
@@ -296,14 +295,19 @@ def run_mixed(
                 if kind not in HONEST_KINDS and kind != "slow_stream":
                     time.sleep(rng.uniform(0.0, 0.2))  # hostile and cancelling clients keep coming
 
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    report.seconds = run_concurrently(client, clients)
+    return report
+
+
+def run_concurrently(client: Callable[[int], None], count: int) -> float:
+    """Run client(0) .. client(count - 1) each on its own thread, all at once; seconds until the last ends."""
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(count)]
     began = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    report.seconds = time.perf_counter() - began
-    return report
+    return time.perf_counter() - began
 
 
 def peak_and_current_mb(pid: int) -> tuple[float, float]:

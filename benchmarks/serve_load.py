@@ -27,11 +27,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
-from benchmarks.serve_abuse import KINDS, latency_summary, peak_and_current_mb, run_mixed
+from benchmarks.serve_abuse import KINDS, latency_summary, peak_and_current_mb, run_concurrently, run_mixed
 from ldm.serve.png import read_generation_settings
 
 PROMPTS = (
@@ -92,13 +91,7 @@ def run_load(url: str, clients: int, requests_per_client: int, steps: int | None
                         report.images += 1
                         report.latencies.append(latency)
 
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    report.seconds = time.perf_counter() - began
+    report.seconds = run_concurrently(client_loop, clients)
     return report
 
 
@@ -129,8 +122,7 @@ def check_answer(answer: httpx.Response, body: dict) -> str | None:
 
 def resident_mb(pid: int) -> float:
     """The process's resident memory now (VmRSS), in MB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    return peak_and_current_mb(pid)[1]
 
 
 def start_server(model: str, max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -314,15 +314,22 @@ def test_the_jobs_a_dying_worker_held_get_500_and_the_next_are_served(slow):
 # ---- a full queue, and what /v1/model says -----------------------------------------------------------------
 
 
-def status_line_after_headers_alone(url: httpx.URL, declared: int) -> str:
-    """The status line a POST /v1/generate is answered with when only its headers and 1 kB of its `declared`
-    bytes of body have been sent."""
-    with socket.create_connection((url.host, url.port), timeout=10) as connection:
+@contextmanager
+def body_sent_slowly(url: httpx.URL, declared: int = 2000, first: bytes = b'{"prompt": "a') -> Iterator[socket.socket]:
+    """A POST to /v1/generate whose headers and `first` bytes are sent, the rest of its `declared` body never."""
+    with socket.create_connection((url.host, url.port), timeout=30) as connection:
         head = (
             f"POST /v1/generate HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
         )
-        connection.sendall(head.encode() + b" " * 1024)
+        connection.sendall(head.encode() + first)
+        yield connection
+
+
+def status_line_after_headers_alone(url: httpx.URL, declared: int) -> str:
+    """The status line a POST /v1/generate is answered with when only its headers and 1 kB of its `declared`
+    bytes of body have been sent."""
+    with body_sent_slowly(url, declared, first=b" " * 1024) as connection:
         return connection.recv(4096).split(b"\r\n", 1)[0].decode()
 
 
@@ -369,18 +376,6 @@ def test_at_most_max_decoding_bodies_are_checked_at_once(monkeypatch):
         answers = posts.join()
     assert [answer.status_code for answer in answers] == [200] * 6
     assert most == 2
-
-
-@contextmanager
-def body_sent_slowly(url: httpx.URL, declared: int = 2000) -> Iterator[socket.socket]:
-    """A POST whose headers and first bytes are sent, the rest of its `declared` body never."""
-    with socket.create_connection((url.host, url.port), timeout=30) as connection:
-        head = (
-            f"POST /v1/generate HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
-        )
-        connection.sendall(head.encode() + b'{"prompt": "a')
-        yield connection
 
 
 def test_a_body_that_does_not_arrive_in_time_is_answered_408():
