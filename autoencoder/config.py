@@ -64,6 +64,10 @@ class LossConfig:
     lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
     kl_weight: float = 1e-6
     logvar_init: float = 0.0
+    # While training, the decoder sees the posterior sample plus Gaussian noise of this std relative to the batch's
+    # latent RMS: the decoder learns to tolerate the diffusion model's errors, and the encoder to set what it must
+    # keep (the shapes) farther apart than that noise (docs/prompt_adherence.md). 0 = off, the CompVis recipe.
+    latent_noise: float = 0.2
     disc_weight: float = 0.0  # 0 = no discriminator is built
     disc_start: int = 50001  # optimizer step from which the adversarial terms count
     disc_factor: float = 1.0
@@ -72,7 +76,7 @@ class LossConfig:
     adaptive_weight_max: float = 1e4
 
     def __post_init__(self) -> None:
-        for name in ("pixel_weight", "lpips_weight", "kl_weight", "disc_weight", "disc_factor"):
+        for name in ("pixel_weight", "lpips_weight", "kl_weight", "latent_noise", "disc_weight", "disc_factor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.pixel_loss not in PIXEL_LOSSES:

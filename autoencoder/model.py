@@ -37,10 +37,13 @@ class KLAutoencoder(nn.Module):
     synchronized with it across processes); only `vae` is exported.
     """
 
-    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0) -> None:
+    def __init__(self, vae: AutoencoderKL, logvar_init: float = 0.0, latent_noise: float = 0.0) -> None:
         super().__init__()
+        if latent_noise < 0:
+            raise ValueError(f"latent_noise: must be >= 0, got {latent_noise}")
         self.vae = vae
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        self.latent_noise = latent_noise
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """q(z | x) for images x (B, 3, H, W) in [-1, 1]."""
@@ -51,9 +54,17 @@ class KLAutoencoder(nn.Module):
         return self.vae.decode(z).sample
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Reconstruct x through a posterior sample; returns (reconstruction, posterior moments)."""
+        """Reconstruct x through a posterior sample; returns (reconstruction, posterior moments).
+
+        While training with `latent_noise` s > 0, the decoder sees z + s * rms(z) * n instead: noise relative to
+        the batch's latent scale (so the encoder cannot outgrow it), which the decoder must learn to tolerate,
+        as it must tolerate the diffusion model's errors later."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample(generator)), torch.cat([posterior.mean, posterior.logvar], dim=1)
+        z = posterior.sample(generator)
+        if self.training and self.latent_noise > 0:
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = z + self.latent_noise * z.detach().square().mean().sqrt() * noise
+        return self.decode(z), torch.cat([posterior.mean, posterior.logvar], dim=1)
 
     @property
     def last_layer(self) -> Tensor:

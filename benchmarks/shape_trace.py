@@ -10,6 +10,7 @@ Three tables, each on real held-out renderings (seed 1 of the held-out split) an
 3. **The U-Net's x0 estimate at t**: x_t = q(z, t), x0-hat from the U-Net under the right caption, an empty one and
    one with a wrong shape word, decoded and read by the probe; the estimate's RMS error per latent value.
 The probe folder is one `ldm evaluate` or `benchmarks/prompt_adherence.py` trained (it is trained there if absent).
+`--vae FOLDER` instead of `--model` prints tables 1 and 2 alone, for a stage-1 VAE before any stage 2 is trained on it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,23 @@ def pixels(scene: dict, resolution: int) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)[None]  # [0, 1]
 
 
-def latent_distances(pipe: LatentDiffusionPipeline, scenes: int, rng: np.random.Generator) -> None:
+class StageOne:
+    """The two methods of the pipeline that tables 1 and 2 use, on a VAE folder alone."""
+
+    def __init__(self, folder: Path) -> None:
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+        self.default_size = self.vae.config.sample_size
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels * 2 - 1).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+
+def latent_distances(pipe: LatentDiffusionPipeline | StageOne, scenes: int, rng: np.random.Generator) -> None:
     side = pipe.default_size
     latent, pixel = {k: [] for k in CHANGED}, {k: [] for k in CHANGED}
     for _ in range(scenes):
@@ -57,7 +74,7 @@ def latent_distances(pipe: LatentDiffusionPipeline, scenes: int, rng: np.random.
         print(f"| {key} | {np.median(latent[key]):.2f} | {np.median(pixel[key]):.2f} |")
 
 
-def read(pipe: LatentDiffusionPipeline, probe: torch.nn.Module, latents: torch.Tensor, truth: dict) -> dict:
+def read(pipe: LatentDiffusionPipeline | StageOne, probe: torch.nn.Module, latents: torch.Tensor, truth: dict) -> dict:
     names = probe.predict(pipe.decode(latents).clamp(-1, 1))
     return {k: 100 * float(np.mean([a == b for a, b in zip(names[k], truth[k], strict=True)])) for k in truth}
 
@@ -72,14 +89,16 @@ def x0_estimate(pipe: LatentDiffusionPipeline, x_t: torch.Tensor, t: torch.Tenso
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="a model folder: all three tables")
+    source.add_argument("--vae", type=Path, help="a stage-1 VAE folder: tables 1 and 2")
     parser.add_argument("--probe", type=Path, default=Path("runs/ablation/probe"))
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--scenes", type=int, default=80)
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model) if args.model else StageOne(args.vae)
     probe, _ = load_or_train_probe(ProbeConfig(), args.probe)
     latent_distances(pipe, args.scenes, rng)
 
@@ -94,6 +113,8 @@ def main() -> None:
     for s in (0.0, 0.1, 0.2, 0.3, 0.5):
         row = read(pipe, probe, z0 + s * noise, truth)
         print(f"| {s:g} | " + " | ".join(f"{row[k]:.1f}" for k in READ) + " |")
+    if isinstance(pipe, StageOne):
+        return
 
     wrong = [str(rng.choice([v for v in SHAPES if v != s["shape"]])) for s in scenes]
     right, _ = pipe.encode_prompt([CAPTION.format(**s) for s in scenes])

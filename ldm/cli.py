@@ -17,6 +17,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "quickstart",
     "train",
+    "distill",
     "precompute",
     "generate",
     "invert",
@@ -35,11 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Imported by name, never from a computed string: the command set is fixed code, not input.
-    from ldm.commands import evaluate, generate, interpolate, invert, precompute, quickstart, serve, toy, train
+    from ldm.commands import (
+        distill,
+        evaluate,
+        generate,
+        interpolate,
+        invert,
+        precompute,
+        quickstart,
+        serve,
+        toy,
+        train,
+    )
 
     modules = {
         "quickstart": quickstart,
         "train": train,
+        "distill": distill,
         "precompute": precompute,
         "generate": generate,
         "invert": invert,

@@ -11,10 +11,11 @@ from ldm.cli import COMMAND_MODULES, main
 def test_help_lists_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    modules = {"quickstart", "train", "precompute", "generate", "invert", "interpolate", "evaluate", "serve", "toy"}
+    modules = {"quickstart", "train", "distill", "precompute", "generate", "invert", "interpolate", "evaluate"}
+    modules |= {"serve", "toy"}
     assert set(COMMAND_MODULES) == modules
     commands = ("quickstart", "train-autoencoder", "train-diffusion", "precompute-latents", "generate", "evaluate")
-    for name in (*commands, "invert", "interpolate", "toy"):
+    for name in (*commands, "invert", "interpolate", "toy", "distill"):
         assert name in out
 
 

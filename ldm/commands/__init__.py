@@ -127,7 +127,9 @@ def resolve_device(name: str | None) -> str:
 
 def resume_command(args: argparse.Namespace, output_dir: str) -> str:
     """The `ldm` command line that continues the run `args` started from its latest checkpoint."""
-    line = ["ldm", args.command, *(["--config", args.config] if args.config else []), "--output-dir", output_dir]
+    teacher = ["--model", args.model] if getattr(args, "model", None) else []  # ldm distill's teacher
+    line = ["ldm", args.command, *teacher]
+    line += [*(["--config", args.config] if args.config else []), "--output-dir", output_dir]
     for override in args.overrides:
         line += ["--set", override]
     return shlex.join([*line, "--resume", "latest"])

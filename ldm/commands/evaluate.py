@@ -1,5 +1,6 @@
 """`ldm evaluate`: a model folder measured on the built-in shapes data (the autoencoder's metrics, prompt fidelity
-with guidance and step sweeps, the bound) or, with --data CONFIG, on the held-out split of the user's own data."""
+with guidance and step sweeps, the bound; a distilled model beside its --teacher) or, with --data CONFIG, on the
+held-out split of the user's own data."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "its data section): the held-out split of that data (data.heldout_path) - autoencoder PSNR / SSIM, the "
         "bound, FID / KID and the CLIP score of images drawn for the held-out captions (with --inception-weights "
         "/ --clip-model) and OUT/heldout_grid.png (real images beside generations), at data.resolution with the "
-        "folder's default sampling settings.",
+        "folder's default sampling settings. A distilled --model (its U-Net takes the guidance scale) is swept "
+        "with sampler lcm at 1, 2, 4 and 8 steps, and its bound is not applicable; --teacher adds the teacher's "
+        "rows beside it.",
     )
     add = parser.add_argument
     add_model_arguments(parser)
@@ -38,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add(
         "--num-samples", type=int, default=None,
         help=f"with --data: held-out images measured, and captions drawn for (default: {DEFAULT_NUM_SAMPLES})",
+    )  # fmt: skip
+    add(
+        "--teacher", default=None, metavar="DIR",
+        help="with a distilled --model, without --data: the model folder it was distilled from; adds the "
+        "teacher's DDIM 50 and DPM-Solver++(2M) 15 rows on the same prompts, probe and guidance scale, with "
+        "U-Net evaluations and seconds per image from this run",
     )  # fmt: skip
     add("--bound-latents", type=int, default=64, help="held-out latents for the bound (default: 64)")
     add("--seed", type=int, default=0)
@@ -59,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         check_model_folder(model)
     except (FileNotFoundError, ValueError) as err:
         raise CommandError(f"--model: {err}") from err
+    if args.teacher is not None:
+        _check_teacher(args, model)
     if args.data is None:
         if args.num_samples is not None:
             raise CommandError("--num-samples: only with --data (without it, --num-prompts sets the sweeps' size)")
@@ -66,6 +77,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_prompts is not None:
         raise CommandError("--num-prompts: only without --data (with it, --num-samples sets the number of images)")
     return _evaluate_data(args, model, device)
+
+
+def _check_teacher(args: argparse.Namespace, model: Path) -> None:
+    """CommandError naming --teacher unless it is a complete, undistilled folder beside a distilled --model, on
+    the shapes report."""
+    from ldm.commands import CommandError
+    from ldm.evaluation.distilled import teacher_problem
+    from ldm.generation.model_folder import check_model_folder
+
+    if args.data is not None:
+        raise CommandError("--teacher: only without --data (the comparison is read on the shapes data's probe)")
+    try:
+        check_model_folder(args.teacher)
+        problem = teacher_problem(model, args.teacher)
+    except (FileNotFoundError, ValueError) as err:
+        raise CommandError(f"--teacher: {err}") from err
+    if problem is not None:
+        raise CommandError(f"--teacher: {problem}")
 
 
 def _evaluate_shapes(args: argparse.Namespace, model: Path, device: str) -> int:
@@ -81,6 +110,7 @@ def _evaluate_shapes(args: argparse.Namespace, model: Path, device: str) -> int:
             clip_model=args.clip_model,
             inception_weights=args.inception_weights,
             variant=args.variant,
+            teacher=args.teacher,
         )
     except ValueError as err:
         raise CommandError(str(err)) from err

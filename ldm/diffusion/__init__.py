@@ -4,6 +4,13 @@ It imports torch, numpy, einops and tqdm (progress bars) only, and knows no netw
 `model(x_t, t, **kwargs)`. `SAMPLERS` (ldm.diffusion.sampler_table) names every sampler the pipeline runs.
 """
 
+from ldm.diffusion.consistency import (
+    consistency_denoise,
+    consistency_scalings,
+    guidance_scale_embedding,
+    lcm_timesteps,
+    sample_lcm,
+)
 from ldm.diffusion.dpm_solver import dpmpp_2m_step, sample_dpmpp_2m, sample_dpmpp_2m_sde
 from ldm.diffusion.gaussian_diffusion import GaussianDiffusion, PMeanVariance, Prediction, Variance
 from ldm.diffusion.guidance import classifier_free_guidance, rescale_guidance
@@ -30,7 +37,7 @@ from ldm.diffusion.schedules import (
     rescale_zero_terminal_snr,
     spaced_timesteps,
 )
-from ldm.diffusion.sdedit import sdedit_start
+from ldm.diffusion.sdedit import sdedit_start, sdedit_start_on
 from ldm.diffusion.thresholding import DynamicThreshold, StaticThreshold
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLINGS, logit_normal_probabilities, sample_timesteps
 from ldm.diffusion.vlb import BoundTerms, bits_per_dim, prior_bpd, vlb_terms_bpd
@@ -52,13 +59,17 @@ __all__ = [
     "Variance",
     "bits_per_dim",
     "classifier_free_guidance",
+    "consistency_denoise",
+    "consistency_scalings",
     "ddim_invert",
     "ddim_step",
     "ddpm_step",
     "discretized_gaussian_log_likelihood",
     "dpmpp_2m_step",
     "gaussian_log_likelihood",
+    "guidance_scale_embedding",
     "karras_noise_levels",
+    "lcm_timesteps",
     "logit_normal_probabilities",
     "make_beta_schedule",
     "min_snr_weight",
@@ -72,9 +83,11 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
     "sample_euler_ancestral",
+    "sample_lcm",
     "sample_timesteps",
     "sampling_chain",
     "sdedit_start",
+    "sdedit_start_on",
     "slerp",
     "spaced_timesteps",
     "training_losses",

@@ -9,6 +9,17 @@ from ldm.diffusion.vlb import bits_per_dim
 from ldm.generation import LatentDiffusionPipeline
 
 
+def bound_not_applicable(pipeline: LatentDiffusionPipeline) -> str | None:
+    """Why the variational bound says nothing about this pipeline's U-Net, or None when it applies."""
+    if pipeline.guidance_in_unet:
+        return (
+            "the U-Net is a consistency-distilled student (unet/config.json sets time_cond_proj_dim): it maps x_t "
+            "to the end of the teacher's guided ODE, not to a denoising posterior of the training chain, so the "
+            "bound's terms are no likelihood of it"
+        )
+    return None
+
+
 @torch.no_grad()
 def heldout_latent_bound(
     pipeline: LatentDiffusionPipeline,

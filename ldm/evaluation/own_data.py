@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from autoencoder.evaluate import evaluate_reconstruction
 from autoencoder.model import KLAutoencoder
 from ldm.config import to_dict
-from ldm.evaluation.bound import heldout_latent_bound
+from ldm.evaluation.bound import bound_not_applicable, heldout_latent_bound
 from ldm.evaluation.fidelity import (
     SWEEP_FIELDS,
     FidelityPrompts,
@@ -132,12 +132,16 @@ def evaluate_on_data(
     if empty:
         logger.warning("%d of %d held-out images have no caption: drawn unconditioned", empty, len(sample.captions))
 
-    count = min(cfg.bound_latents, len(sample.captions))
-    logger.info("variational bound on %d held-out latents", count)
-    metrics["bound"] = heldout_latent_bound(
-        pipeline, sample.images[:count], sample.captions[:count], batch_size=cfg.batch_size, seed=cfg.seed
-    )
-    metrics["bound"]["timesteps"] = pipeline.diffusion.num_timesteps
+    not_applicable = bound_not_applicable(pipeline)
+    if not_applicable is not None:
+        metrics["bound"] = {"not_applicable": not_applicable}
+    else:
+        count = min(cfg.bound_latents, len(sample.captions))
+        logger.info("variational bound on %d held-out latents", count)
+        metrics["bound"] = heldout_latent_bound(
+            pipeline, sample.images[:count], sample.captions[:count], batch_size=cfg.batch_size, seed=cfg.seed
+        )
+        metrics["bound"]["timesteps"] = pipeline.diffusion.num_timesteps
 
     metrics["generated"] = score_generated(pipeline, sample.captions, data.resolution, cfg, distances, clip_reason)
     if inception_reason is not None:

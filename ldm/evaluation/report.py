@@ -21,6 +21,58 @@ def fidelity_table(rows: list[dict[str, Any]], first_column: str) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of a distilled model's rows beside its teacher's: the U-Net evaluations each image cost,
+    per-attribute accuracy in percent and seconds per image."""
+    header = "| model, setting | U-Net evaluations / image | " + " | ".join(JUDGED) + " | colour+shape+bg | s / image |"
+    lines = [header, "|" + " --- |" * (len(JUDGED) + 4)]
+    for row in rows:
+        acc = row["accuracy"]
+        cells = [f"{100 * acc[k]:.1f}%" for k in (*JUDGED, "all")]
+        lines.append(
+            f"| {row['model']}, {row['label']} | {row['unet_evaluations_per_image']} | " + " | ".join(cells)
+            + f" | {acc['seconds_per_image']:.3f} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def distilled_note(metrics: dict[str, Any]) -> list[str]:
+    """The report's lines on how a distilled model was swept (none for another model)."""
+    if not metrics.get("distilled"):
+        return []
+    w = metrics["fidelity"]["default_guidance_scale"]
+    lines = [
+        f"A consistency-distilled model: its U-Net takes the guidance scale w as an input, so it is swept with its "
+        f"own sampler, lcm, one U-Net evaluation per step (guidance at the folder's default steps; steps at its "
+        f"default w = {w:g}).",
+        "",
+    ]
+    beyond = metrics["fidelity"]["steps_beyond_schedule"]
+    if beyond:
+        lines += [f"Left out: {', '.join(map(str, beyond))} steps, more than the folder's skip-step schedule has.", ""]
+    return lines
+
+
+def teacher_lines(metrics: dict[str, Any]) -> list[str]:
+    """The comparison of a distilled model with its teacher (none without one)."""
+    comparison = metrics.get("teacher_comparison")
+    if comparison is None:
+        if not metrics.get("distilled"):
+            return []
+        return ["`--teacher FOLDER` (the model it was distilled from) adds the teacher's rows beside these.", ""]
+    return [
+        "### Against the teacher",
+        "",
+        f"The student's step rows beside its teacher `{comparison['teacher']}` on the same "
+        f"{comparison['num_prompts']} captions, judged by the same probe, at the same w = "
+        f"{comparison['guidance_scale']:g} (the teacher's U-Net runs classifier-free guidance, two evaluations per "
+        f"step, unless w = 1). Seconds per image: {comparison['timing']} (the machine above).",
+        "",
+        comparison_table(comparison["rows"]),
+        "",
+    ]
+
+
 def text_pathway_table(pathway: dict[str, Any]) -> str:
     """A Markdown table of `ldm.evaluation.text_pathway.text_pathway`'s readings."""
     lines = [
@@ -72,6 +124,7 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         f"attribute probe trained on rendered shapes only. The probe reads real held-out renderings with: "
         f"{accuracy_line(probe['heldout_accuracy'])}. Chance: {accuracy_line(metrics['fidelity']['chance'])}.",
         "",
+        *distilled_note(metrics),
         "### Guidance scale",
         "",
         fidelity_table(metrics["fidelity"]["guidance_sweep"], "setting"),
@@ -87,6 +140,7 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         "",
         fidelity_table(metrics["fidelity"]["step_sweep"], "setting"),
         "",
+        *teacher_lines(metrics),
         "## Variational bound on held-out latents",
         "",
         bound_line(metrics["bound"]),
@@ -124,7 +178,9 @@ def autoencoder_table(ae: dict[str, Any]) -> str:
 
 
 def bound_line(bound: dict[str, Any]) -> str:
-    """The variational bound in one sentence, with what it was computed over."""
+    """The variational bound in one sentence, with what it was computed over (or why it does not apply)."""
+    if "not_applicable" in bound:
+        return f"Not applicable: {bound['not_applicable']}."
     return (
         "{bpd:.4f} bits per latent dimension (prior term {prior:.2e}) over {n} latents, conditioned on their "
         "captions, T = {t} timesteps, continuous Gaussian decoder.".format(

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ldm.diffusion import SAMPLERS
+from ldm.diffusion.consistency import lcm_timesteps
 from ldm.diffusion.schedules import spaced_timesteps
 from ldm.diffusion.sdedit import sdedit_steps
 from ldm.generation.noise_schedule import NoiseScheduleConfig
@@ -56,8 +57,14 @@ def check_guidance_scale(guidance_scale: object) -> float:
     return guidance_scale
 
 
-def check_karras_sigmas(karras_sigmas: object, schedule: NoiseScheduleConfig) -> None:
+def check_karras_sigmas(karras_sigmas: object, schedule: NoiseScheduleConfig, sampler: str | None = None) -> None:
+    """A bool; True needs a schedule with finite sigma_max and a sampler that walks spaced levels (None: any)."""
     check_bool(karras_sigmas, "karras_sigmas")
+    if karras_sigmas and sampler is not None and "karras_sigmas" not in SAMPLERS[sampler].chain_settings:
+        raise ValueError(
+            f"karras_sigmas: sampler {sampler!r} visits the timesteps its model was distilled on, not Karras et al.'s "
+            "noise levels; leave karras_sigmas unset"
+        )
     if karras_sigmas and schedule.zero_terminal_snr:
         raise ValueError(
             "karras_sigmas: this model's schedule has zero terminal SNR (sigma_max = inf), which Karras sigmas "
@@ -65,8 +72,13 @@ def check_karras_sigmas(karras_sigmas: object, schedule: NoiseScheduleConfig) ->
         )
 
 
-def check_steps(steps: object, schedule: NoiseScheduleConfig) -> int:
+def check_steps(steps: object, schedule: NoiseScheduleConfig, sampler: str | None = None) -> int:
+    """A positive int that fits the chain `sampler` walks (None: a spaced chain, as a diffusers scheduler's)."""
     check_positive_int(steps, "num_inference_steps")
+    if sampler is not None and SAMPLERS[sampler].timesteps == "lcm":
+        # ValueError naming num_inference_steps when it is more than the folder's original_inference_steps.
+        lcm_timesteps(schedule.num_train_timesteps, steps, schedule.lcm_original_steps)
+        return steps
     try:  # the steps must fit in the training chain after spacing and steps_offset
         spaced_timesteps(schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset)
     except ValueError as err:
@@ -149,6 +161,21 @@ def check_guidance_options(guidance_rescale: object, threshold: object, callback
     if callback is not None and not callable(callback):
         raise ValueError(f"callback: must be callable(step_index, timestep, latents, pred_x0), got {callback!r}")
     return guidance_rescale
+
+
+def check_guidance_in_unet(negative_prompt: object, guidance_rescale: float) -> None:
+    """A U-Net that takes the guidance scale as an input (time_cond_proj_dim, a distilled student) runs one
+    conditional pass per step and no classifier-free guidance: the options of that guidance have nothing to act on."""
+    if negative_prompt is not None:
+        raise ValueError(
+            "negative_prompt: this model's U-Net takes the guidance scale as an input (a guidance-distilled student) "
+            "and makes no unconditional pass for a negative prompt to replace; leave it unset"
+        )
+    if guidance_rescale > 0:
+        raise ValueError(
+            f"guidance_rescale: this model's U-Net takes the guidance scale as an input (a guidance-distilled "
+            f"student) and runs no classifier-free guidance to rescale; got {guidance_rescale}, leave it at 0"
+        )
 
 
 def check_scheduler_call(our_options: dict[str, object], resample: object, return_trajectory: bool) -> None:

@@ -6,16 +6,19 @@ scheduler config, so `diffusers.StableDiffusionPipeline` walks the same chain ou
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ldm.diffusion import DIFFUSERS_SCHEDULE_NAMES, DynamicThreshold, GaussianDiffusion, StaticThreshold
+from ldm.diffusion.consistency import ORIGINAL_INFERENCE_STEPS, TIMESTEP_SCALING
 from ldm.diffusion.schedules import SPACINGS
 from ldm.diffusion.thresholding import FolderClipping, folder_threshold_for
 
 # Our prediction names and diffusers' `prediction_type` values.
 DIFFUSERS_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 SCHEDULER_CLASS = "DDIMScheduler"  # what `scheduler/scheduler_config.json` names; DDPM reads the same arrays
+CONSISTENCY_SCHEDULER_CLASS = "LCMScheduler"  # what a consistency-distilled folder's scheduler config names
 
 
 @dataclass
@@ -43,6 +46,11 @@ class NoiseScheduleConfig:
     thresholding: bool = False  # Imagen's dynamic thresholding of the predicted x0 (before clip_sample)
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
+    # A consistency-distilled folder (LCMScheduler's keys, written only for one): the number N of the skip-step
+    # schedule it was distilled on, whose subset the lcm sampler visits, and the scale of t in its boundary
+    # condition. None: not distilled; the config is DDIMScheduler's and lcm takes LCMScheduler's default N = 50.
+    original_inference_steps: int | None = None
+    timestep_scaling: float = TIMESTEP_SCALING
 
     def __post_init__(self) -> None:
         if self.num_train_timesteps < 2:
@@ -59,6 +67,14 @@ class NoiseScheduleConfig:
             raise ValueError("clip_sample_range, sample_max_value: must be > 0")
         if not 0 < self.dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio: must be in (0, 1], got {self.dynamic_thresholding_ratio}")
+        original = self.original_inference_steps
+        if original is not None and not (isinstance(original, int) and 1 <= original <= self.num_train_timesteps):
+            raise ValueError(
+                f"original_inference_steps: must be an int in [1, {self.num_train_timesteps}] (the training "
+                f"timesteps) or None, got {original!r}"
+            )
+        if not (math.isfinite(self.timestep_scaling) and self.timestep_scaling > 0):
+            raise ValueError(f"timestep_scaling: must be a positive number, got {self.timestep_scaling}")
 
     def build(self) -> GaussianDiffusion:
         """The `GaussianDiffusion` these settings describe."""
@@ -87,14 +103,27 @@ class NoiseScheduleConfig:
         )  # fmt: skip
 
     @property
+    def lcm_original_steps(self) -> int:
+        """N of the skip-step schedule the lcm sampler takes its timesteps from (LCMScheduler's default for a folder
+        that records none, as LCMScheduler.from_config reads such a config)."""
+        return ORIGINAL_INFERENCE_STEPS if self.original_inference_steps is None else self.original_inference_steps
+
+    @property
     def output_channels_factor(self) -> int:
         """2 when the network also outputs the variance interpolation (learned_range), else 1."""
         return 2 if self.variance == "learned_range" else 1
 
     def to_scheduler_config(self) -> dict[str, Any]:
-        """diffusers' scheduler config (the content of `scheduler/scheduler_config.json`)."""
+        """diffusers' scheduler config (the content of `scheduler/scheduler_config.json`): DDIMScheduler's, or for a
+        consistency-distilled folder LCMScheduler's (its keys are DDIM's plus original_inference_steps and
+        timestep_scaling), so diffusers' StableDiffusionPipeline loads the folder with the scheduler it samples with."""
+        distilled = self.original_inference_steps is not None
+        consistency_keys = {
+            "original_inference_steps": self.original_inference_steps,
+            "timestep_scaling": self.timestep_scaling,
+        }
         return {
-            "_class_name": SCHEDULER_CLASS,
+            "_class_name": CONSISTENCY_SCHEDULER_CLASS if distilled else SCHEDULER_CLASS,
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": DIFFUSERS_SCHEDULE_NAMES[self.beta_schedule],
             "beta_start": self.beta_start,
@@ -110,7 +139,7 @@ class NoiseScheduleConfig:
             "thresholding": self.thresholding,
             "dynamic_thresholding_ratio": self.dynamic_thresholding_ratio,
             "sample_max_value": self.sample_max_value,
-        }
+        } | (consistency_keys if distilled else {})
 
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any], source: str = "scheduler config") -> NoiseScheduleConfig:
@@ -128,6 +157,9 @@ class NoiseScheduleConfig:
         spacing = config.get("timestep_spacing", "leading")
         if spacing not in SPACINGS:
             raise ValueError(f"{source}: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+        original = config.get("original_inference_steps")
+        if original is None and config.get("_class_name") == CONSISTENCY_SCHEDULER_CLASS:
+            original = ORIGINAL_INFERENCE_STEPS  # what LCMScheduler takes for a config without the key
         variance = config.get("variance_type") or "fixed_small"
         if variance not in ("fixed_small", "fixed_large", "learned_range"):
             raise ValueError(f"{source}: variance_type {variance!r} is not fixed_small, fixed_large or learned_range")
@@ -147,4 +179,6 @@ class NoiseScheduleConfig:
             thresholding=bool(config.get("thresholding", False)),
             dynamic_thresholding_ratio=float(config.get("dynamic_thresholding_ratio", 0.995)),
             sample_max_value=float(config.get("sample_max_value", 1.0)),
+            original_inference_steps=None if original is None else int(original),
+            timestep_scaling=float(config.get("timestep_scaling", TIMESTEP_SCALING)),
         )

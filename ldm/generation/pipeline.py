@@ -31,7 +31,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from conditioning import TextEncoder
-from ldm.diffusion import classifier_free_guidance, ddim_invert
+from ldm.diffusion import classifier_free_guidance, ddim_invert, guidance_scale_embedding
+from ldm.diffusion.samplers import ModelFn
 from ldm.generation.checks import Geometry, check_sides
 from ldm.generation.inputs import check_prompts, embeddings_for_guidance, image_batch, match_batch
 from ldm.generation.lora_weights import load_unet_lora
@@ -56,7 +57,8 @@ class LatentDiffusionPipeline:
 
     Sampling: z_T ~ N(0, I) of shape (B, C, height / f, width / f) with f the VAE's downsampling factor;
     each step evaluates eps~ = eps_u + w (eps_c - eps_u) in one batched U-Net pass over [uncond; cond]
-    (a single conditional pass when w = 1) and applies the chosen sampler's update; finally
+    (a single conditional pass when w = 1; for a U-Net that takes w as an input, a distilled student, a single
+    conditional pass given w's embedding, see `guided_model`) and applies the chosen sampler's update; finally
     x = D(z_0 / scaling_factor) and images are (x / 2 + 0.5) clamped to [0, 1].
     """
 
@@ -237,7 +239,7 @@ class LatentDiffusionPipeline:
     @property
     def facts(self) -> ModelFacts:
         """What a request is resolved against: the folder's defaults, noise process, sizes and device."""
-        return ModelFacts(self.defaults, self.noise_schedule, self.geometry, self.device)
+        return ModelFacts(self.defaults, self.noise_schedule, self.geometry, self.device, self.guidance_in_unet)
 
     # ---- encoders and inversion ----------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class LatentDiffusionPipeline:
         z0 = self.encode_image(image)
         cond, uncond = self.encode_prompt(prompt, negative_prompt)
         cond = match_batch(cond, z0.shape[0], 1, "prompt")
-        model = classifier_free_guidance(self._unet_fn, s.guidance_scale, {"encoder_hidden_states": uncond})
+        model = self.guided_model(s.guidance_scale, uncond)
         schedule = self.noise_schedule
         return ddim_invert(
             model, self.diffusion, z0, num_steps=s.num_inference_steps, spacing=schedule.timestep_spacing,
@@ -299,8 +301,38 @@ class LatentDiffusionPipeline:
         latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(latents).sample
 
-    def _unet_fn(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+    @property
+    def guidance_in_unet(self) -> bool:
+        """Whether the U-Net takes the guidance scale as an input (diffusers' `time_cond_proj_dim`: a guidance-
+        distilled student), so that sampling runs one conditional pass per step and no classifier-free guidance."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    def guided_model(self, guidance_scale: float, uncond: torch.Tensor, guidance_rescale: float = 0.0) -> ModelFn:
+        """The model a sampler calls as model(x_t, t, encoder_hidden_states=cond): classifier-free guidance at w over
+        one batched pass on [uncond; cond] or, for a U-Net that takes w as an input, that U-Net alone given
+        `guidance_scale_embedding(w)` as its timestep_cond, one conditional pass per step (as diffusers'
+        StableDiffusionPipeline runs a U-Net with time_cond_proj_dim, for any scheduler)."""
+        if not self.guidance_in_unet:
+            return classifier_free_guidance(
+                self._unet_fn, guidance_scale, {"encoder_hidden_states": uncond}, guidance_rescale
+            )
+        # float64, so w - 1 rounds once as diffusers' torch.tensor(guidance_scale - 1); built on the host as there.
+        w = torch.full((1,), guidance_scale, dtype=torch.float64)
+        embedding = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(self.device, self.dtype)
+
+        def with_guidance_embedding(x: torch.Tensor, t: torch.Tensor, **cond_kwargs: Any) -> torch.Tensor:
+            return self._unet_fn(x, t, timestep_cond=embedding.expand(x.shape[0], -1), **cond_kwargs)
+
+        return with_guidance_embedding
+
+    def _unet_fn(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond).sample
 
     def _text_conditioning(
         self,

@@ -95,6 +95,8 @@ class GenerationRequest:
         checks.check_call_options(r.num_images_per_prompt, r.output_type, r.generator, r.draws_step_noise,
                                   model.device)  # fmt: skip
         rescale = checks.check_guidance_options(r.guidance_rescale, r.threshold, r.callback)
+        if model.guidance_in_unet:
+            checks.check_guidance_in_unet(r.negative_prompt, rescale)
         checks.check_previews(r.preview_every, r.on_preview)
         return replace(r, guidance_rescale=rescale, generator=r._generator(model.device))
 
@@ -107,8 +109,10 @@ class GenerationRequest:
         if eta is None:  # the folder's eta is DDIM's: another sampler asked for by name takes none
             eta = d.eta if sampler == "ddim" else 0.0
         eta = checks.check_eta(eta, sampler)
-        karras = d.karras_sigmas if self.karras_sigmas is None else self.karras_sigmas
-        checks.check_karras_sigmas(karras, model.schedule)
+        karras = self.karras_sigmas
+        if karras is None:  # the folder's Karras setting is for the samplers that walk spaced levels
+            karras = d.karras_sigmas and "karras_sigmas" in SAMPLERS[sampler].chain_settings
+        checks.check_karras_sigmas(karras, model.schedule, sampler)
         reads = SAMPLERS[sampler].folder_clipping  # each sampler clips x0 as diffusers' scheduler of it does
         threshold = self.threshold if self.threshold is not None else model.schedule.threshold(reads)
         r = replace(self, sampler=sampler, eta=eta, karras_sigmas=karras, threshold=threshold)
@@ -141,7 +145,7 @@ class GenerationRequest:
         return replace(
             self,
             guidance_scale=checks.check_guidance_scale(guidance),
-            num_inference_steps=checks.check_steps(steps, model.schedule),
+            num_inference_steps=checks.check_steps(steps, model.schedule, self.sampler),
             height=height,
             width=width,
         )
@@ -172,12 +176,14 @@ class GenerationRequest:
 
 class ModelFacts(NamedTuple):
     """What resolving a request reads from the model: the folder's defaults, its noise process, the sizes it
-    draws and the device it samples on."""
+    draws, the device it samples on, and whether its U-Net takes the guidance scale as an input (a distilled
+    student: no classifier-free guidance)."""
 
     defaults: SamplingDefaults
     schedule: NoiseScheduleConfig
     geometry: Geometry
     device: torch.device
+    guidance_in_unet: bool = False
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerationRequest))

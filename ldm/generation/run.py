@@ -2,7 +2,8 @@
 
 One run: encode the prompts once, draw x_T ~ N(0, I) exactly as diffusers does (or per image from its own
 seed), walk the reverse chain with one of `ldm.diffusion.SAMPLERS` (or a diffusers scheduler) on the guided
-U-Net, then decode z_0 / scaling_factor with the VAE. Image-to-image noises the image's latents to the step
+U-Net (`LatentDiffusionPipeline.guided_model`: classifier-free guidance, or the w embedding for a U-Net distilled
+to take it), then decode z_0 / scaling_factor with the VAE. Image-to-image noises the image's latents to the step
 `strength` names and samples from there (SDEdit); inpainting also resets the unmasked region at every step
 (RePaint) and, with `paste_unmasked`, takes the input's pixels outside the mask.
 """
@@ -19,7 +20,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from ldm.diffusion import SAMPLERS, Inpainting, classifier_free_guidance, sdedit_start
+from ldm.diffusion import SAMPLERS, Inpainting, sdedit_start_on
 from ldm.diffusion.samplers import SampleOutput, StepCallback
 from ldm.generation.inputs import check_latents, latent_mask, mask_batch, match_batch
 from ldm.generation.request import GenerationRequest
@@ -57,9 +58,7 @@ def run(pipe: LatentDiffusionPipeline, r: GenerationRequest) -> PipelineOutput:
     shape = (cond.shape[0], pipe.unet.config.in_channels, r.height // f, r.width // f)  # (B, C, h, w)
     x_T = initial_noise(pipe, r, shape)
     edit = edit_inputs(pipe, r, shape)
-    model = classifier_free_guidance(
-        pipe._unet_fn, r.guidance_scale, {"encoder_hidden_states": uncond}, r.guidance_rescale
-    )
+    model = pipe.guided_model(r.guidance_scale, uncond, r.guidance_rescale)
     pred_x0: list[torch.Tensor] = []
     on_step = step_callback(pipe, r, pred_x0)
     if r.scheduler is not None:
@@ -132,25 +131,42 @@ def sample_chain(
     on_step: StepCallback,
 ) -> SampleOutput:
     """Run our sampler: from x_T, or from the image's latents noised with x_T to the step `strength` names."""
+    sampler = SAMPLERS[r.sampler]
+    settings = chain_settings(pipe, r)
+    start_step = 0
+    if edit.init is not None:
+        chain = sampler.chain(pipe.diffusion, r.num_inference_steps, **settings)
+        x_T, start_step = sdedit_start_on(chain, edit.init, x_T, r.strength)
+    inpaint = Inpainting(edit.init, edit.mask, r.resample) if edit.mask is not None else None
+    return sampler(
+        model, pipe.diffusion, x_T, num_steps=r.num_inference_steps, **settings, **folder_options(pipe, r),
+        model_kwargs={"encoder_hidden_states": cond}, threshold=r.threshold, start_step=start_step, inpaint=inpaint,
+        generator=r.generator, return_trajectory=r.return_trajectory, callback=on_step, progress=r.progress,
+    )  # fmt: skip
+
+
+def chain_settings(pipe: LatentDiffusionPipeline, r: GenerationRequest) -> dict[str, Any]:
+    """The chain settings the request's sampler takes (`Sampler.chain_settings`), from the folder and the request:
+    spacing, offset and Karras sigmas, or LCM's original_inference_steps (LCMScheduler reads no spacing or offset)."""
     schedule = pipe.noise_schedule
-    chain_kwargs: dict[str, Any] = {
-        "num_steps": r.num_inference_steps,
+    every = {
         "spacing": schedule.timestep_spacing,
         "steps_offset": schedule.steps_offset,
         "karras_sigmas": r.karras_sigmas,
+        "original_inference_steps": schedule.lcm_original_steps,
     }
-    start_step = 0
-    if edit.init is not None:
-        x_T, start_step = sdedit_start(pipe.diffusion, edit.init, x_T, r.strength, **chain_kwargs,
-                                       fractional_linspace=SAMPLERS[r.sampler].fractional_linspace)  # fmt: skip
-    # DDIM alone reads the folder's set_alpha_to_one, as diffusers' DDIMScheduler does.
-    options = {"eta": r.eta, "final_alphabar": schedule.final_alphabar(pipe.diffusion)} if r.sampler == "ddim" else {}
-    inpaint = Inpainting(edit.init, edit.mask, r.resample) if edit.mask is not None else None
-    return SAMPLERS[r.sampler](
-        model, pipe.diffusion, x_T, **chain_kwargs, **options, model_kwargs={"encoder_hidden_states": cond},
-        threshold=r.threshold, start_step=start_step, inpaint=inpaint, generator=r.generator,
-        return_trajectory=r.return_trajectory, callback=on_step, progress=r.progress,
-    )  # fmt: skip
+    return {name: every[name] for name in SAMPLERS[r.sampler].chain_settings}
+
+
+def folder_options(pipe: LatentDiffusionPipeline, r: GenerationRequest) -> dict[str, Any]:
+    """The keys of the folder's scheduler config one sampler alone reads, as diffusers' scheduler of it does:
+    DDIM's set_alpha_to_one (with the request's eta), LCM's timestep_scaling."""
+    schedule = pipe.noise_schedule
+    if r.sampler == "ddim":
+        return {"eta": r.eta, "final_alphabar": schedule.final_alphabar(pipe.diffusion)}
+    if r.sampler == "lcm":
+        return {"timestep_scaling": schedule.timestep_scaling}
+    return {}
 
 
 def finished_images(

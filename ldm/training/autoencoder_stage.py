@@ -62,7 +62,7 @@ class AutoencoderStage:
         self.cfg, self.accelerator = cfg, accelerator
         # Unprepared loaders, read by the main process alone at the end: a prepared one would wait for the others.
         self.heldout_loader, self.scale_loader = heldout_loader, scale_loader
-        model = KLAutoencoder(build_vae(cfg.model), cfg.loss.logvar_init)
+        model = KLAutoencoder(build_vae(cfg.model), cfg.loss.logvar_init, cfg.loss.latent_noise)
         self.criterion = AutoencoderLoss(cfg.loss, perceptual).to(accelerator.device)
         # fused: one kernel, step counts on the device, and the guard's skip flag honoured there (no host sync)
         optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas, fused=True)

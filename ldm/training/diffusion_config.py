@@ -19,6 +19,7 @@ from ldm.generation.model_folder import (
 )
 from ldm.generation.noise_schedule import NoiseScheduleConfig
 from ldm.training.config import TrainConfig
+from ldm.training.contrastive_text import TextPretrainingConfig
 from ldm.unet import UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class DiffusionExperimentConfig:
     autoencoder_variant: str | None = None  # weights variant of `autoencoder`, e.g. "fp16"
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=_cpu_text_encoder)
+    text_pretraining: TextPretrainingConfig = field(default_factory=TextPretrainingConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     noise: NoiseScheduleConfig = field(default_factory=_cpu_noise)
     loss: DiffusionLossConfig = field(default_factory=_cpu_loss)
@@ -184,6 +186,11 @@ class DiffusionExperimentConfig:
                 "unet.lora: trains an adapter on a frozen U-Net, but text_encoder.frozen is false, which trains the "
                 "whole text encoder beside it: its weights would be in neither the adapter-only checkpoints nor the "
                 "adapter file. Set text_encoder.frozen: true (or drop unet.lora for full fine-tuning)"
+            )
+        if self.text_pretraining.steps and self.text_encoder.frozen:
+            raise ValueError(
+                "text_pretraining.steps: pre-trains the text encoder, but text_encoder.frozen is true (its embeddings "
+                "are cached before stage 2 and would no longer match); set text_encoder.frozen: false"
             )
         if self.unet.pretrained:
             warn_if_noise_differs(self.noise, self.unet.pretrained)

@@ -39,10 +39,12 @@ from ldm.training.batches import (
     training_captions,
     use_latent_shards,
 )
+from ldm.training.contrastive_text import pretrain_text_encoder
 from ldm.training.denoiser import Denoiser
 from ldm.training.diffusion_config import DiffusionExperimentConfig, latent_grid
 from ldm.training.distributed import is_sharded, prepare_loader
 from ldm.training.ema import EMA
+from ldm.training.latent_cache import LatentCache
 from ldm.training.loaders import make_loader
 from ldm.training.lora import LoRACheckpoint, add_lora, check_lora, fused_unet, parameter_counts, save_adapter
 from ldm.training.parameter_groups import parameter_groups
@@ -78,6 +80,14 @@ def train_diffusion(
     if isinstance(dataset, LatentShardSource):
         unconditional = use_latent_shards(dataset, nets.vae, nets.text_encoder, cfg, accelerator.device)
     train_only_caption_rows(nets.text_encoder, cfg, dataset)
+    if cfg.text_pretraining.steps and resume is None:  # a resumed run's encoder comes from its checkpoint
+        if not isinstance(dataset, LatentCache):
+            raise ValueError(
+                "text_pretraining.steps: reads the latent cache of square images; set train.cache_latents: true "
+                "(and data.buckets: false)"
+            )
+        scale = float(nets.vae.config.scaling_factor)
+        pretrain_text_encoder(nets.text_encoder, dataset, scale, cfg.text_pretraining, accelerator.device)
     loader = make_loader(dataset, tc, collate_fn=collate_for(dataset))
     to_latents = LatentBatches(nets.vae, nets.text_encoder, cfg.text_encoder.p_uncond, unconditional)
     cache_report = {"cache_seconds": round(cache_seconds, 1), "latent_cache": cache_dir is not None}

@@ -24,6 +24,7 @@ from ldm.diffusion import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_euler_ancestral,
+    sample_lcm,
 )
 from tests.host_round_trips import HostRoundTrips, StepWindows
 
@@ -49,6 +50,7 @@ SAMPLERS = {
         model, d, x, num_steps=3, karras_sigmas=True, **kw
     ),
     "euler_ancestral": lambda model, d, x, **kw: sample_euler_ancestral(model, d, x, num_steps=3, **kw),
+    "lcm": lambda model, d, x, **kw: sample_lcm(model, d, x, num_steps=3, **kw),
     "dpmpp_2m_inpainting": lambda model, d, x, **kw: sample_dpmpp_2m(
         model, d, x, num_steps=3, inpaint=Inpainting(torch.zeros_like(x), torch.zeros_like(x[:1, :1]), 2), **kw
     ),

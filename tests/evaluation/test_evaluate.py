@@ -78,6 +78,7 @@ def test_evaluate_writes_every_table_and_says_what_is_unavailable(tmp_path):
         (r["settings"]["sampler"], r["settings"]["num_inference_steps"]) for r in metrics["fidelity"]["step_sweep"]
     ]
     assert samplers == [("ddim", 2), ("ddim", 3), ("ddpm", 4)]
+    assert metrics["distilled"] is False and "teacher_comparison" not in metrics
     novel = metrics["fidelity"]["compositional_guidance_sweep"]
     assert [row["settings"]["guidance_scale"] for row in novel] == [1.0, 3.0]
     assert (out / "compositional_fidelity_vs_guidance.png").is_file()

@@ -157,7 +157,7 @@ def input_files(tmp_path) -> dict[str, str]:
 
 def test_each_sampler_name_is_a_choice():
     assert tuple(SamplerChoices()) == SAMPLER_NAMES
-    assert set(SAMPLER_NAMES) == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"}
+    assert set(SAMPLER_NAMES) == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "lcm"}
 
 
 @pytest.mark.parametrize(
