@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
     ours = LatentDiffusionPipeline.from_pretrained(args.model)
-    theirs = StableDiffusionPipeline.from_pretrained(args.model)
+    theirs = StableDiffusionPipeline.from_pretrained(args.model, use_safetensors=True)
     assert isinstance(theirs.scheduler, LCMScheduler), f"{args.model}: not an LCMScheduler folder"
     theirs.set_progress_bar_config(disable=True)
     side, w = ours.default_size, ours.defaults.guidance_scale
