@@ -91,11 +91,7 @@ def check_teacher(teacher: LatentDiffusionPipeline, cfg: DistillExperimentConfig
             f"{where}: its noise variance is learned_range (the U-Net also outputs a variance), which LCMScheduler "
             "cannot read from a student; distil a fixed-variance model (noise.variance fixed_small or fixed_large)"
         )
-    if schedule.num_train_timesteps % cfg.distill.ddim_timesteps:
-        raise ValueError(
-            f"distill.ddim_timesteps: {cfg.distill.ddim_timesteps} does not divide the {schedule.num_train_timesteps} "
-            f"training timesteps of {where}; e.g. 50 for 1000"
-        )
+    SkipStepGrid.build(schedule.num_train_timesteps, cfg.distill.ddim_timesteps)  # its checks, before the run starts
     check_sides(teacher.geometry, cfg.data.resolution, cfg.data.resolution, "data.resolution")
 
 
