@@ -32,6 +32,9 @@ class ConsistencyConfig:
     timestep_scaling: float = 10.0  # the boundary condition's t scale (LCMScheduler's timestep_scaling)
     target_decay: float = 0.95  # EMA decay of the target network (LCM's mu)
     time_cond_proj_dim: int = 256  # the width of the w embedding the student's time embedding takes
+    # The learning rate of the new, zero-initialised w-embedding map (its own parameter group, same schedule), for
+    # a student that should learn to read w faster than it moves off the teacher; None: train.lr.
+    guidance_embedding_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.guidance_min < 1.0:
@@ -53,6 +56,8 @@ class ConsistencyConfig:
             raise ValueError(f"distill.target_decay: must be in [0, 1), got {self.target_decay}")
         if self.time_cond_proj_dim < 4:
             raise ValueError(f"distill.time_cond_proj_dim: must be >= 4, got {self.time_cond_proj_dim}")
+        if self.guidance_embedding_lr is not None and not self.guidance_embedding_lr > 0:
+            raise ValueError(f"distill.guidance_embedding_lr: must be positive, got {self.guidance_embedding_lr}")
 
 
 @dataclass

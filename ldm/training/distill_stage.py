@@ -132,10 +132,16 @@ class DistillStage:
         self.diffusion = teacher.diffusion
         self.grid = SkipStepGrid.build(self.diffusion.num_timesteps, cfg.distill.ddim_timesteps, device)
         self.student = student_unet(teacher.unet, cfg.distill.time_cond_proj_dim).train()
-        optimizer = torch.optim.AdamW(
-            self.student.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=True
-        )
-        self.schedules = [train_schedule(tc)]
+        # Two groups: the teacher's weights, and the new w-embedding map, which may learn faster.
+        embedding = list(self.student.time_embedding.cond_proj.parameters())
+        rest = [p for p in self.student.parameters() if all(p is not e for e in embedding)]
+        embedding_lr = tc.lr if cfg.distill.guidance_embedding_lr is None else cfg.distill.guidance_embedding_lr
+        self.schedules = [train_schedule(tc), train_schedule(tc, lr=embedding_lr)]
+        groups = [
+            {"params": rest, "lr": self.schedules[0](0), "name": "student"},
+            {"params": embedding, "lr": self.schedules[1](0), "name": "guidance_embedding"},
+        ]
+        optimizer = torch.optim.AdamW(groups, betas=tc.adam_betas, weight_decay=tc.weight_decay, fused=True)
         self.model, self.optimizer = accelerator.prepare(self.student, optimizer)
         self.models = [self.model]
         if is_sharded(self.student):
@@ -146,9 +152,11 @@ class DistillStage:
         # LCM's target network: an EMA of the student with no warm-up, starting equal to it.
         self.target = EMA(self.student, cfg.distill.target_decay, warmup=False).to(device)
         logger.info(
-            "distils %s: student U-Net %.2fM parameters, w in [%g, %g], %d-step skip grid, %s loss, target decay %g",
-            cfg.teacher, sum(p.numel() for p in self.student.parameters()) / 1e6, cfg.distill.guidance_min,
-            cfg.distill.guidance_max, cfg.distill.ddim_timesteps, cfg.distill.loss, cfg.distill.target_decay,
+            "distils %s: student U-Net %.2fM parameters at lr %g, its w embedding at lr %g, w in [%g, %g], %d-step "
+            "skip grid, %s loss, target decay %g",
+            cfg.teacher, sum(p.numel() for p in self.student.parameters()) / 1e6, tc.lr, embedding_lr,
+            cfg.distill.guidance_min, cfg.distill.guidance_max, cfg.distill.ddim_timesteps, cfg.distill.loss,
+            cfg.distill.target_decay,
         )  # fmt: skip
 
     def updates(self, batch: Any, step: int) -> Iterator[Update]:

@@ -145,3 +145,15 @@ def test_the_command_distils_the_model_it_is_given(teacher_dir, tmp_path):
     assert main([*args, *[a for s in settings for a in ("--set", s)]]) == 0
     student = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "pipeline", subfolder="unet")
     assert student.config.time_cond_proj_dim == 8
+
+
+def test_the_guidance_embedding_trains_at_its_own_learning_rate(teacher_dir, tmp_path):
+    cfg = distill_config(teacher_dir, lr=1e-5, lr_schedule="constant", warmup_steps=0, sample_every=100)
+    cfg.distill.guidance_embedding_lr = 1e-2
+    metrics = train_distill(cfg, tmp_path / "run")
+    assert metrics["lr_by_group"] == {"student": 1e-5, "guidance_embedding": 1e-2}
+    student = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "pipeline", subfolder="unet")
+    # Adam moves a weight by about its lr per step: 4 steps at 1e-5 could not move the zero-initialised map this far.
+    assert student.time_embedding.cond_proj.weight.abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"distill\.guidance_embedding_lr: must be positive"):
+        ConsistencyConfig(guidance_embedding_lr=0.0)
